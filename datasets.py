@@ -1,0 +1,490 @@
+"""Dataset registry, formatted-file loading, the train/val split, transforms and Dataset classes.
+
+The benchmark construction follows DESIGN.md section 3 exactly: the formatted files under
+``<data_root>/<name>/`` are loaded unchanged, the official train set is split into train/val with
+``split_train_val`` and the official val set becomes the test set.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fileio import atomic_save_npy
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+PHASES = ("train", "val")
+
+# ----------------------------------------------------------------------------------------------
+# Class lists
+# ----------------------------------------------------------------------------------------------
+
+# The names used in the VOC ImageSets/Main file names, in class-index order (DESIGN section 3).
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+_VOC_READABLE = {"diningtable": "dining table", "pottedplant": "potted plant",
+                 "tvmonitor": "tv monitor"}
+VOC_CLASS_NAMES = tuple(_VOC_READABLE.get(name, name) for name in VOC_CLASSES)
+
+# COCO 2014 category names in the order of the annotation JSON's ``categories`` list.
+COCO_CLASS_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)
+
+# NUS-WIDE Concepts81 in the official (alphabetical) order used by the pre-formatted files.
+NUSWIDE_CLASS_NAMES = (
+    "airport", "animal", "beach", "bear", "birds", "boats", "book", "bridge", "buildings", "cars",
+    "castle", "cat", "cityscape", "clouds", "computer", "coral", "cow", "dancing", "dog",
+    "earthquake", "elk", "fire", "fish", "flags", "flowers", "food", "fox", "frost", "garden",
+    "glacier", "grass", "harbor", "horses", "house", "lake", "leaf", "map", "military", "moon",
+    "mountain", "nighttime", "ocean", "person", "plane", "plants", "police", "protest",
+    "railroad", "rainbow", "reflection", "road", "rocks", "running", "sand", "sign", "sky", "snow",
+    "soccer", "sports", "statue", "street", "sun", "sunset", "surf", "swimmers", "tattoo",
+    "temple", "tiger", "tower", "town", "toy", "train", "tree", "valley", "vehicle", "water",
+    "waterfall", "wedding", "whales", "window", "zebra",
+)
+
+# CUB-200-2011 attributes.txt, written as its 28 groups (in file order) so the 312 names are
+# checkable by eye; ``has_<group>::<value>`` is the raw attribute name.
+_CUB_COLORS = ("blue", "brown", "iridescent", "purple", "rufous", "grey", "yellow", "olive",
+               "green", "pink", "orange", "black", "white", "red", "buff")
+_CUB_EYE_COLORS = tuple(c for c in _CUB_COLORS if c != "iridescent")
+_CUB_PATTERNS = ("solid", "spotted", "striped", "multi-colored")
+_CUB_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("bill_shape", ("curved_(up_or_down)", "dagger", "hooked", "needle", "hooked_seabird",
+                    "spatulate", "all-purpose", "cone", "specialized")),
+    ("wing_color", _CUB_COLORS),
+    ("upperparts_color", _CUB_COLORS),
+    ("underparts_color", _CUB_COLORS),
+    ("breast_pattern", _CUB_PATTERNS),
+    ("back_color", _CUB_COLORS),
+    ("tail_shape", ("forked_tail", "rounded_tail", "notched_tail", "fan-shaped_tail",
+                    "pointed_tail", "squared_tail")),
+    ("upper_tail_color", _CUB_COLORS),
+    ("head_pattern", ("spotted", "malar", "crested", "masked", "unique_pattern", "eyebrow",
+                      "eyering", "plain", "eyeline", "striped", "capped")),
+    ("breast_color", _CUB_COLORS),
+    ("throat_color", _CUB_COLORS),
+    ("eye_color", _CUB_EYE_COLORS),
+    ("bill_length", ("about_the_same_as_head", "longer_than_head", "shorter_than_head")),
+    ("forehead_color", _CUB_COLORS),
+    ("under_tail_color", _CUB_COLORS),
+    ("nape_color", _CUB_COLORS),
+    ("belly_color", _CUB_COLORS),
+    ("wing_shape", ("rounded-wings", "pointed-wings", "broad-wings", "tapered-wings",
+                    "long-wings")),
+    ("size", ("large_(16_-_32_in)", "small_(5_-_9_in)", "very_large_(32_-_72_in)",
+              "medium_(9_-_16_in)", "very_small_(3_-_5_in)")),
+    ("shape", ("upright-perching_water-like", "chicken-like-marsh", "long-legged-like",
+               "duck-like", "owl-like", "gull-like", "hummingbird-like", "pigeon-like",
+               "tree-clinging-like", "hawk-like", "sandpiper-like", "upland-ground-like",
+               "swallow-like", "perching-like")),
+    ("back_pattern", _CUB_PATTERNS),
+    ("tail_pattern", _CUB_PATTERNS),
+    ("belly_pattern", _CUB_PATTERNS),
+    ("primary_color", _CUB_COLORS),
+    ("leg_color", _CUB_COLORS),
+    ("bill_color", _CUB_COLORS),
+    ("crown_color", _CUB_COLORS),
+    ("wing_pattern", _CUB_PATTERNS),
+)
+CUB_ATTRIBUTE_KEYS = tuple(f"has_{group}::{value}" for group, values in _CUB_GROUPS
+                           for value in values)
+
+
+def _cub_readable(group: str, value: str) -> str:
+    """A short phrase for one attribute: ('bill_shape', 'dagger') -> 'dagger bill shape'."""
+    text = value.replace("_", " ")
+    part = group.replace("_", " ")
+    if group == "tail_shape":            # values already name the part: 'forked tail'
+        return text
+    if group == "wing_shape":            # 'rounded-wings' -> 'rounded wings'
+        return text.replace("-wings", " wings")
+    if group == "bill_length":           # 'bill longer than head'
+        return f"bill {text}"
+    if group == "size":                  # 'large size (16 - 32 in)'
+        word, _, rest = text.partition(" (")
+        return f"{word} size ({rest}"
+    if group == "head_pattern" and value == "unique_pattern":
+        return "unique head pattern"
+    return f"{text} {part}"
+
+
+CUB_CLASS_NAMES = tuple(_cub_readable(group, value) for group, values in _CUB_GROUPS
+                        for value in values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str                      # 'pascal' | 'coco' | 'nuswide' | 'cub'
+    class_names: tuple[str, ...]   # readable names in class-index order (K of them)
+    image_root: str                # relative to the dataset folder
+    text_feature_file: str         # default text-feature file name
+    format_command: str            # what makes the formatted files (for error messages)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def format_instructions(self, data_root: str | os.PathLike) -> str:
+        """The full command (or pointer) that creates this dataset's formatted files."""
+        folder = dataset_dir(data_root, self.name)
+        if self.format_command.startswith("python "):
+            return f"{self.format_command} --load-path {folder} --save-path {folder}"
+        return self.format_command
+
+    def observed_labels_command(self, data_root: str | os.PathLike) -> str:
+        """The command that creates this dataset's observed-label files."""
+        return (f"python preproc/generate_observed_labels.py --dataset {self.name} "
+                f"--data-root {data_root}")
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "pascal": DatasetInfo("pascal", VOC_CLASS_NAMES, "VOCdevkit/VOC2012/JPEGImages",
+                          "VOC20text_feature_labelonly.npy", "python preproc/format_pascal.py"),
+    # COCO image paths already start with 'train2014/' or 'val2014/': the root is the folder.
+    "coco": DatasetInfo("coco", COCO_CLASS_NAMES, "", "CoCo80text_feature_labelonly.npy",
+                        "python preproc/format_coco.py"),
+    # The pre-formatted NUS-WIDE files hold paths relative to the extracted Flickr.zip folder.
+    "nuswide": DatasetInfo("nuswide", NUSWIDE_CLASS_NAMES, "Flickr", "NUS81text_feature.npy",
+                           "put the pre-formatted NUS-WIDE files in place "
+                           "(see data/nuswide/README.md)"),
+    "cub": DatasetInfo("cub", CUB_CLASS_NAMES, "CUB_200_2011/images", "CUB312text_feature.npy",
+                       "python preproc/format_cub.py"),
+}
+
+
+def get_dataset_info(name: str) -> DatasetInfo:
+    """Registry entry for ``name``; ValueError listing the known names otherwise."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def dataset_dir(data_root: str | os.PathLike, name: str) -> Path:
+    return Path(data_root) / name
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatted files
+# ----------------------------------------------------------------------------------------------
+
+def formatted_paths(folder: str | os.PathLike, phase: str) -> dict[str, Path]:
+    """The three formatted files of one phase: keys 'images', 'labels', 'labels_obs'."""
+    folder = Path(folder)
+    return {"images": folder / f"formatted_{phase}_images.npy",
+            "labels": folder / f"formatted_{phase}_labels.npy",
+            "labels_obs": folder / f"formatted_{phase}_labels_obs.npy"}
+
+
+@dataclass
+class FormattedData:
+    """One set of images with clean and observed labels (row i belongs to images[i])."""
+    images: np.ndarray          # str, relative to the image root
+    labels: np.ndarray          # float, 0/1, N x K
+    labels_obs: np.ndarray      # float, -1/0/+1, N x K
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, indices: np.ndarray) -> FormattedData:
+        return FormattedData(self.images[indices], self.labels[indices], self.labels_obs[indices])
+
+
+def load_image_list(path: str | os.PathLike) -> np.ndarray:
+    """Load a formatted image list as a 1-D str array.
+
+    Files written by other SPML code bases may hold object (pickled) arrays; only for this file
+    do we fall back to ``allow_pickle=True`` and convert the entries to str.
+    """
+    path = Path(path)
+    try:
+        images = np.load(path, allow_pickle=False)
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise ValueError(f"{path}: not a readable numpy file ({error})") from error
+        images = np.load(path, allow_pickle=True)
+    if images.ndim != 1:
+        raise ValueError(f"{path}: expected a 1-D list of image paths, got shape {images.shape}")
+    if images.dtype.kind == "S":
+        images = np.char.decode(images, "utf-8")
+    elif images.dtype.kind != "U":
+        images = np.array([str(x) for x in images], dtype=np.str_)
+    return images
+
+
+def load_label_matrix(path: str | os.PathLike, allowed: Sequence[float],
+                      num_classes: int | None = None) -> np.ndarray:
+    """Load an N x K label matrix as float64 and check its values; ValueError naming the file."""
+    path = Path(path)
+    try:
+        matrix = np.load(path, allow_pickle=False)
+    except ValueError as error:
+        raise ValueError(f"{path}: not a numeric numpy array ({error})") from error
+    if matrix.ndim != 2:
+        raise ValueError(f"{path}: expected an N x K matrix, got shape {matrix.shape}")
+    if matrix.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: expected numbers, got dtype {matrix.dtype}")
+    if num_classes is not None and matrix.shape[1] != num_classes:
+        raise ValueError(f"{path}: has {matrix.shape[1]} classes, the dataset has {num_classes}")
+    matrix = matrix.astype(np.float64, copy=False)
+    bad = ~np.isin(matrix, np.asarray(allowed, dtype=np.float64))
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        allowed_text = "/".join(str(int(v)) for v in allowed)
+        raise ValueError(f"{path}: labels must be {allowed_text}; found {matrix[row, col]!r} "
+                         f"at row {row}, column {col}")
+    return matrix
+
+
+def save_formatted(folder: str | os.PathLike, phase: str, images: Sequence[str],
+                   labels: np.ndarray) -> None:
+    """Write ``formatted_<phase>_{images,labels}.npy`` (str array, float64 matrix) atomically."""
+    paths = formatted_paths(folder, phase)
+    atomic_save_npy(paths["images"], np.asarray(images, dtype=np.str_))
+    atomic_save_npy(paths["labels"], np.asarray(labels, dtype=np.float64))
+
+
+def label_summary(phase: str, labels: np.ndarray) -> str:
+    """One line: images, classes and mean positives per image of a 0/1 label matrix."""
+    mean_pos = float(labels.sum(axis=1).mean()) if len(labels) else 0.0
+    return (f"{phase}: {labels.shape[0]} images, {labels.shape[1]} classes, "
+            f"{mean_pos:.2f} positives per image")
+
+
+def next_step_hint(name: str, save_path: str | os.PathLike) -> str:
+    """What to run after formatting into ``save_path`` (a folder named after the dataset)."""
+    save_path = Path(save_path)
+    if save_path.name == name:
+        return "next: " + get_dataset_info(name).observed_labels_command(save_path.parent)
+    return (f"next: move the files into <data root>/{name}/ and run "
+            + get_dataset_info(name).observed_labels_command("<data root>"))
+
+
+def load_formatted(data_root: str | os.PathLike, name: str, phase: str) -> FormattedData:
+    """Load and validate the formatted files of one official phase ('train' or 'val')."""
+    info = get_dataset_info(name)
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    paths = formatted_paths(dataset_dir(data_root, name), phase)
+    for key in ("images", "labels"):
+        if not paths[key].is_file():
+            raise FileNotFoundError(f"missing {paths[key]}; create it with: "
+                                    f"{info.format_instructions(data_root)}")
+    if not paths["labels_obs"].is_file():
+        raise FileNotFoundError(f"missing {paths['labels_obs']}; create it with: "
+                                f"{info.observed_labels_command(data_root)}")
+    images = load_image_list(paths["images"])
+    labels = load_label_matrix(paths["labels"], (0, 1), info.num_classes)
+    labels_obs = load_label_matrix(paths["labels_obs"], (-1, 0, 1), info.num_classes)
+    if len(labels) != len(images):
+        raise ValueError(f"{paths['labels']} has {len(labels)} rows but {paths['images']} lists "
+                         f"{len(images)} images; re-create them with: "
+                         f"{info.format_instructions(data_root)}")
+    if labels_obs.shape != labels.shape:
+        raise ValueError(f"{paths['labels_obs']} has shape {labels_obs.shape} but "
+                         f"{paths['labels']} has {labels.shape}; re-create it with: "
+                         f"{info.observed_labels_command(data_root)}")
+    # Observed labels drawn from other labels (e.g. stale after re-formatting) would silently
+    # train on wrong targets: an observed positive must be a clean positive, likewise negatives.
+    stale = ((labels_obs == 1) & (labels != 1)) | ((labels_obs == -1) & (labels != 0))
+    if stale.any():
+        row = int(np.argwhere(stale)[0, 0])
+        raise ValueError(f"{paths['labels_obs']} disagrees with {paths['labels']} (row {row}); "
+                         f"re-create it with: {info.observed_labels_command(data_root)}")
+    return FormattedData(images, labels, labels_obs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Split
+# ----------------------------------------------------------------------------------------------
+
+def _check_fraction(value: float, flag: str, allow_one: bool) -> None:
+    upper_ok = value <= 1.0 if allow_one else value < 1.0
+    if not (0.0 < value and upper_ok):
+        bound = "(0, 1]" if allow_one else "(0, 1)"
+        raise ValueError(f"{flag} must be in {bound}, got {value}")
+
+
+def split_train_val(num_images: int, val_frac: float = 0.2, split_seed: int = 1200,
+                    subsample_seed: int = 999, train_frac: float = 1.0,
+                    val_frac_keep: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (sorted, int64) of the train and val parts of the official train set.
+
+    Exactly DESIGN section 3: a RandomState(split_seed) permutation cut into train/val, then a
+    RandomState(subsample_seed) subsample of each part (drawn even when the fraction is 1).
+    """
+    _check_fraction(val_frac, "val_frac", allow_one=False)
+    _check_fraction(train_frac, "train_frac", allow_one=True)
+    _check_fraction(val_frac_keep, "val_frac_keep", allow_one=True)
+    n_val = int(np.round(val_frac * num_images))
+    n_train = num_images - n_val
+    if n_val == 0 or n_train == 0:
+        raise ValueError(f"val_frac={val_frac} splits {num_images} images into {n_train} train "
+                         f"and {n_val} val images; both must be non-empty")
+    perm = np.random.RandomState(split_seed).permutation(num_images)
+    parts = [np.sort(perm[:n_train]), np.sort(perm[-n_val:])]
+    rng = np.random.RandomState(subsample_seed)
+    for i, frac in enumerate((train_frac, val_frac_keep)):
+        keep = int(np.round(frac * len(parts[i])))
+        chosen = np.sort(rng.permutation(len(parts[i]))[:keep])
+        if keep == 0:
+            raise ValueError(f"subsampling fraction {frac} keeps no image of "
+                             f"{len(parts[i])}")
+        parts[i] = parts[i][chosen]
+    return parts[0].astype(np.int64), parts[1].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms and Dataset classes
+# ----------------------------------------------------------------------------------------------
+
+def build_transform(image_size: int, train: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Resize to (size, size) (no crop), [random horizontal flip if train], ToTensor, Normalize."""
+    # Imported here: the torchvision package import costs seconds and the preproc scripts,
+    # which import this module for the registry, never need it.
+    from torchvision import transforms
+
+    steps = [transforms.Resize((image_size, image_size))]
+    if train:
+        steps.append(transforms.RandomHorizontalFlip(0.5))
+    steps += [transforms.ToTensor(), transforms.Normalize(mean=list(mean), std=list(std))]
+    return transforms.Compose(steps)
+
+
+def check_image_files(image_paths: Sequence[str | os.PathLike]) -> None:
+    """FileNotFoundError naming the first missing image (and how many are missing)."""
+    missing = [str(p) for p in image_paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"image file not found: {missing[0]} ({len(missing)} of "
+                                f"{len(image_paths)} missing); check --data-root and the "
+                                f"dataset's data/<name>/README.md")
+
+
+def _open_rgb(path: str | os.PathLike) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class MultiLabelDataset(torch.utils.data.Dataset):
+    """Images with observed and clean label vectors; optional second (teacher) view."""
+
+    def __init__(self, image_paths: Sequence[str | os.PathLike], observed_labels: np.ndarray,
+                 clean_labels: np.ndarray, image_size: int, train: bool,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 teacher_view: tuple[int, tuple, tuple] | None = None):
+        self.image_paths = [str(p) for p in image_paths]
+        observed_labels = np.asarray(observed_labels)
+        clean_labels = np.asarray(clean_labels)
+        n = len(self.image_paths)
+        if observed_labels.ndim != 2 or clean_labels.shape != observed_labels.shape \
+                or len(observed_labels) != n:
+            raise ValueError(f"{n} images but observed labels {observed_labels.shape} and clean "
+                             f"labels {clean_labels.shape}; they must be N x K with N = {n}")
+        check_image_files(self.image_paths)
+        self.observed = torch.as_tensor(observed_labels, dtype=torch.float32)
+        self.clean = torch.as_tensor(clean_labels, dtype=torch.float32)
+        self.train = train
+        # The flip is applied to the PIL image (below), so both views share it.
+        self.transform = build_transform(image_size, train=False, mean=mean, std=std)
+        self.teacher_transform = None
+        if teacher_view is not None:
+            size, teacher_mean, teacher_std = teacher_view
+            self.teacher_transform = build_transform(size, train=False, mean=teacher_mean,
+                                                     std=teacher_std)
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> dict:
+        image = _open_rgb(self.image_paths[index])
+        # torch.rand, not numpy/random, so DataLoader worker seeding makes the flips reproducible.
+        if self.train and torch.rand(1).item() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        item = {"image": self.transform(image), "observed": self.observed[index],
+                "clean": self.clean[index], "index": int(index)}
+        if self.teacher_transform is not None:
+            item["teacher_image"] = self.teacher_transform(image)
+        return item
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Un-augmented images for caches (teacher embeddings, frozen features): (tensor, index)."""
+
+    def __init__(self, image_paths: Sequence[str | os.PathLike], image_size: int, mean, std):
+        self.image_paths = [str(p) for p in image_paths]
+        check_image_files(self.image_paths)
+        self.transform = build_transform(image_size, train=False, mean=mean, std=std)
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(_open_rgb(self.image_paths[index])), int(index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class BenchmarkSplits:
+    info: DatasetInfo
+    image_dir: Path                     # dataset folder / image_root
+    train: FormattedData                # part of the official train set (split_train_val)
+    val: FormattedData                  # the other part of the official train set
+    test: FormattedData                 # the official val set
+    # Positions of train / val rows in the official train set (for caches keyed by them).
+    train_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    val_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def image_paths(self, phase: str) -> list[str]:
+        """Full image paths of 'train', 'val' or 'test', in row order."""
+        if phase not in ("train", "val", "test"):
+            raise ValueError(f"phase must be 'train', 'val' or 'test', got {phase!r}")
+        data = getattr(self, phase)
+        return [str(self.image_dir / image) for image in data.images]
+
+
+def load_benchmark(data_root: str | os.PathLike, name: str, val_frac: float = 0.2,
+                   split_seed: int = 1200, subsample_seed: int = 999, train_frac: float = 1.0,
+                   val_frac_keep: float = 1.0, check_images: bool = True) -> BenchmarkSplits:
+    """Formatted files of ``name`` under ``data_root``, split into train / val / test."""
+    info = get_dataset_info(name)
+    official_train = load_formatted(data_root, name, "train")
+    official_val = load_formatted(data_root, name, "val")
+    train_idx, val_idx = split_train_val(len(official_train), val_frac, split_seed,
+                                         subsample_seed, train_frac, val_frac_keep)
+    splits = BenchmarkSplits(info=info, image_dir=dataset_dir(data_root, name) / info.image_root,
+                             train=official_train.subset(train_idx),
+                             val=official_train.subset(val_idx), test=official_val,
+                             train_indices=train_idx, val_indices=val_idx)
+    if check_images:
+        check_image_files([path for phase in ("train", "val", "test")
+                           for path in splits.image_paths(phase)])
+    return splits
