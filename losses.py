@@ -1,0 +1,197 @@
+"""The loss family of DESIGN section 4, as pure tensor functions.
+
+Every ``*_matrix`` function returns the B x K loss matrix L of its DESIGN row (entries a loss
+does not mention are 0); ``compute_loss`` validates the inputs once and returns the batch loss
+``sum(L) / (B * K)``. Where masks of one loss overlap, later rules win, in the order the
+original code assigned them (e.g. for ``iun`` "true label 0" after "observed 1").
+
+Inputs: ``preds`` are probabilities (sigmoid already applied), ``observed`` is in [-1, 1]
+(+1 observed positive, 0 unobserved, -1 observed negative, values in (-1, 0) APL soft
+negatives), ``pseudo`` is in {-1, 0, 1}, ``true`` is the clean 0/1 label matrix.
+
+Gradients: ``nl(x) = -log(x + 1e-5)`` keeps every log term's derivative finite at p = 0 and
+p = 1; the entropy and the focal weights ``(1-p)^gamma``, ``p^gamma`` are finite there too for
+gamma = 0 or gamma >= 1 (the defaults are 2 and 4). A gamma in (0, 1) has an infinite
+derivative where p is exactly 0 or 1, as the formula itself does.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+LOSS_NAMES = ("bce", "an", "iun", "EM", "EM_APL", "EM_PL", "EM_PL_ASL")
+LOSSES_NEEDING_PSEUDO = frozenset({"EM_PL", "EM_PL_ASL"})
+LOSSES_NEEDING_TRUE = frozenset({"bce", "iun"})
+
+LOG_EPSILON = 1e-5
+# Label smoothing of the pseudo-label terms of EM_PL (DESIGN: 0.9 / 0.1), as in the original.
+PSEUDO_SMOOTHING = 0.1
+
+
+def neg_log(x: Tensor) -> Tensor:
+    """nl(x) = -log(x + 1e-5): finite value and derivative at x = 0."""
+    return -torch.log(x + LOG_EPSILON)
+
+
+def entropy(preds: Tensor) -> Tensor:
+    """H(p) = p*nl(p) + (1-p)*nl(1-p), elementwise."""
+    return preds * neg_log(preds) + (1.0 - preds) * neg_log(1.0 - preds)
+
+
+def bce_matrix(preds: Tensor, true: Tensor) -> Tensor:
+    """Oracle BCE on clean labels: nl(p) where true = 1, nl(1-p) where true = 0."""
+    loss = torch.zeros_like(preds)
+    loss = torch.where(true == 1, neg_log(preds), loss)
+    return torch.where(true == 0, neg_log(1.0 - preds), loss)
+
+
+def an_matrix(preds: Tensor, observed: Tensor) -> Tensor:
+    """Assume negative: nl(p) where o = 1, nl(1-p) where o = 0."""
+    loss = torch.zeros_like(preds)
+    loss = torch.where(observed == 1, neg_log(preds), loss)
+    return torch.where(observed == 0, neg_log(1.0 - preds), loss)
+
+
+def iun_matrix(preds: Tensor, observed: Tensor, true: Tensor) -> Tensor:
+    """Oracle baseline: nl(p) where o = 1, nl(1-p) where the true label is 0."""
+    loss = torch.zeros_like(preds)
+    loss = torch.where(observed == 1, neg_log(preds), loss)
+    return torch.where(true == 0, neg_log(1.0 - preds), loss)
+
+
+def em_matrix(preds: Tensor, observed: Tensor, alpha: float) -> Tensor:
+    """Entropy maximisation: nl(p) where o = 1, -alpha*H(p) where o = 0."""
+    loss = torch.zeros_like(preds)
+    loss = torch.where(observed == 1, neg_log(preds), loss)
+    return torch.where(observed == 0, -alpha * entropy(preds), loss)
+
+
+def em_apl_matrix(preds: Tensor, observed: Tensor, alpha: float, beta: float) -> Tensor:
+    """EM plus APL soft negatives: where o < 0, s = -o, beta*(s*nl(p) + (1-s)*nl(1-p))."""
+    soft = -observed
+    soft_loss = beta * (soft * neg_log(preds) + (1.0 - soft) * neg_log(1.0 - preds))
+    return torch.where(observed < 0, soft_loss, em_matrix(preds, observed, alpha))
+
+
+def em_pl_matrix(preds: Tensor, observed: Tensor, pseudo: Tensor, alpha: float,
+                 beta_pos: float, beta_neg: float) -> Tensor:
+    """VLPL after warm-up, with f = q where o = 0 else o.
+
+    nl(p) where o = 1; -alpha*H(p) where f = 0; beta_pos*(0.9*nl(p) + 0.1*nl(1-p)) where o = 0
+    and q = +1; beta_neg*(0.1*nl(p) + 0.9*nl(1-p)) where o = 0 and q = -1.
+    """
+    unobserved = observed == 0
+    final = torch.where(unobserved, pseudo, observed)
+    pos_term = (1.0 - PSEUDO_SMOOTHING) * neg_log(preds) + PSEUDO_SMOOTHING * neg_log(1.0 - preds)
+    neg_term = PSEUDO_SMOOTHING * neg_log(preds) + (1.0 - PSEUDO_SMOOTHING) * neg_log(1.0 - preds)
+    loss = torch.zeros_like(preds)
+    loss = torch.where(observed == 1, neg_log(preds), loss)
+    loss = torch.where(final == 0, -alpha * entropy(preds), loss)
+    loss = torch.where(unobserved & (pseudo == 1), beta_pos * pos_term, loss)
+    return torch.where(unobserved & (pseudo == -1), beta_neg * neg_term, loss)
+
+
+def em_pl_asl_matrix(preds: Tensor, observed: Tensor, pseudo: Tensor, gamma_pos: float,
+                     gamma_neg: float, gamma_unknown: float) -> Tensor:
+    """Asymmetric focal VLPL after warm-up, with f = q where o = 0 else o.
+
+    (1-p)^gamma_pos*nl(p) where o = 1 or (o = 0, q = +1); -(1-p)^gamma_unknown*H(p) where f = 0;
+    p^gamma_neg*nl(1-p) where (o = 0, q = -1).
+    """
+    unobserved = observed == 0
+    final = torch.where(unobserved, pseudo, observed)
+    pos_term = torch.pow(1.0 - preds, gamma_pos) * neg_log(preds)
+    loss = torch.zeros_like(preds)
+    loss = torch.where(observed == 1, pos_term, loss)
+    loss = torch.where(final == 0, -torch.pow(1.0 - preds, gamma_unknown) * entropy(preds), loss)
+    loss = torch.where(unobserved & (pseudo == 1), pos_term, loss)
+    neg_term = torch.pow(preds, gamma_neg) * neg_log(1.0 - preds)
+    return torch.where(unobserved & (pseudo == -1), neg_term, loss)
+
+
+def _hp(hp: Any, name: str) -> float:
+    """One hyperparameter from ``hp`` as a float, with a clear error when it is missing."""
+    if not hasattr(hp, name):
+        raise ValueError(f"loss hyperparameters: missing attribute {name!r} "
+                         f"(needs alpha, beta, beta_pos, beta_neg, gamma_pos, gamma_neg, "
+                         f"gamma_unknown, warmup_epoch)")
+    return float(getattr(hp, name))
+
+
+def _check_range(name: str, tensor: Tensor, low: float, high: float, shape) -> Tensor:
+    """Shape check now; return a 0-dim bool tensor 'all values in [low, high]' (checked later).
+
+    Deferring the value checks lets ``compute_loss`` read them with one device sync per batch.
+    NaN fails the range test.
+    """
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"compute_loss: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.shape != shape:
+        raise ValueError(f"compute_loss: {name} has shape {tuple(tensor.shape)}, "
+                         f"preds has {tuple(shape)}")
+    if tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    low_value, high_value = torch.aminmax(tensor.detach())
+    return (low_value >= low) & (high_value <= high)
+
+
+def loss_matrix(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: int = 1,
+                pseudo: Tensor | None = None, true: Tensor | None = None) -> Tensor:
+    """The B x K loss matrix of loss ``name`` (no input validation; see ``compute_loss``)."""
+    if name == "bce":
+        return bce_matrix(preds, true)
+    if name == "an":
+        return an_matrix(preds, observed)
+    if name == "iun":
+        return iun_matrix(preds, observed, true)
+    if name == "EM":
+        return em_matrix(preds, observed, _hp(hp, "alpha"))
+    if name == "EM_APL":
+        return em_apl_matrix(preds, observed, _hp(hp, "alpha"), _hp(hp, "beta"))
+    if name in LOSSES_NEEDING_PSEUDO:
+        # Warm-up (epoch <= warmup_epoch) trains with plain EM; the default warmup_epoch 0 never warms up.
+        if epoch <= _hp(hp, "warmup_epoch"):
+            return em_matrix(preds, observed, _hp(hp, "alpha"))
+        if name == "EM_PL":
+            return em_pl_matrix(preds, observed, pseudo, _hp(hp, "alpha"), _hp(hp, "beta_pos"),
+                                _hp(hp, "beta_neg"))
+        return em_pl_asl_matrix(preds, observed, pseudo, _hp(hp, "gamma_pos"), _hp(hp, "gamma_neg"),
+                                _hp(hp, "gamma_unknown"))
+    raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
+
+
+def compute_loss(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: int = 1,
+                 pseudo: Tensor | None = None, true: Tensor | None = None) -> Tensor:
+    """Scalar batch loss sum(L) / (B*K) of loss ``name``, after validating the inputs.
+
+    ValueError when: the name is unknown (the message lists the known ones); a tensor is not
+    B x K like ``preds``; preds leave [0, 1] or observed leaves [-1, 1] (NaN included);
+    pseudo (EM_PL, EM_PL_ASL; required in every epoch so a missing one fails at the first
+    batch, not after the warm-up) or true (bce, iun) is missing or out of range.
+    """
+    if name not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
+    if not isinstance(preds, Tensor) or preds.dim() != 2:
+        raise ValueError(f"compute_loss: preds must be a B x K torch.Tensor, got "
+                         f"{tuple(preds.shape) if isinstance(preds, Tensor) else type(preds).__name__}")
+    checks = {"preds must lie in [0, 1] (sigmoid probabilities, no NaN)":
+              _check_range("preds", preds, 0.0, 1.0, preds.shape),
+              "observed labels must lie in [-1, 1]":
+              _check_range("observed", observed, -1.0, 1.0, preds.shape)}
+    if name in LOSSES_NEEDING_PSEUDO:
+        if pseudo is None:
+            raise ValueError(f"loss {name!r} needs pseudo-labels (pseudo=B x K in {{-1, 0, 1}})")
+        checks["pseudo-labels must lie in [-1, 1]"] = _check_range("pseudo", pseudo, -1.0, 1.0, preds.shape)
+    if name in LOSSES_NEEDING_TRUE:
+        if true is None:
+            raise ValueError(f"loss {name!r} needs the clean labels (true=B x K 0/1)")
+        checks["true labels must lie in [0, 1]"] = _check_range("true", true, 0.0, 1.0, preds.shape)
+    # One host-device sync for all checks; only on failure look at which one it was.
+    if not bool(torch.stack(list(checks.values())).all()):
+        failed = [message for message, ok in checks.items() if not bool(ok)]
+        raise ValueError(f"compute_loss ({name}): {'; '.join(failed)}")
+    loss = loss_matrix(name, preds, observed, hp, epoch=epoch, pseudo=pseudo, true=true)
+    batch_size, num_classes = preds.shape
+    return loss.sum() / max(batch_size * num_classes, 1)
