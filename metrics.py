@@ -102,12 +102,18 @@ def compute_metrics(scores, targets) -> dict:
 
     An empty phase (no images or no classes) gives 0 everywhere rather than NaN.
     """
+    return metrics_and_ap(scores, targets)[0]
+
+
+def metrics_and_ap(scores, targets) -> tuple[dict, np.ndarray]:
+    """``compute_metrics`` and the per-class AP (in [0, 1]) it was built from, computed once."""
     scores, positive = _check_inputs(scores, targets)
     num_examples, num_classes = scores.shape
+    ap = _average_precision(scores, positive)
     if num_examples == 0 or num_classes == 0:
         return {"map": 0.0, **{f"{name}_{k}": 0.0 for k in TOP_K
-                               for name in ("prec_at", "rec_at", "top")}}
-    results: dict = {"map": 100.0 * float(np.mean(_average_precision(scores, positive)))}
+                               for name in ("prec_at", "rec_at", "top")}}, ap
+    results: dict = {"map": 100.0 * float(np.mean(ap))}
     num_pos = positive.sum(axis=1)
     has_pos = num_pos > 0
     hits_at = _top_k_hits(scores, positive)
@@ -118,4 +124,4 @@ def compute_metrics(scores, targets) -> dict:
         results[f"prec_at_{k}"] = float(np.mean(hits / k))
         results[f"rec_at_{k}"] = float(np.mean(np.where(has_pos, hits / np.maximum(num_pos, 1), 0.0)))
         results[f"top_{k}"] = float(np.mean(hits > 0))
-    return results
+    return results, ap

@@ -1,0 +1,396 @@
+"""The run logger (DESIGN section 7) and the results summariser.
+
+``RunLogger`` collects one phase's predictions and labels into preallocated arrays, scores them
+with ``metrics.py`` against the clean and the observed labels, keeps the best epoch (strictly
+higher val mAP) and writes the run files: ``log.txt`` (the console lines), ``metrics.jsonl``
+(one JSON object per phase and epoch) and ``summary.json``.
+
+``python instrumentation.py RESULTS_DIR...`` prints one row per run and the mean and sample
+standard deviation over runs that differ only in their seed (see ``summarize``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+import fileio
+import metrics
+
+PHASES = ("train", "val", "test")
+LOG_FILE = "log.txt"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    """numpy view of a numpy array, list or torch tensor (any device), without importing torch."""
+    if hasattr(array, "detach"):
+        array = array.detach()
+        if array.is_floating_point():
+            # float16 / bfloat16 have no (or no exact) numpy counterpart; scores are kept as float32.
+            array = array.float()
+        return array.cpu().numpy()
+    return np.asarray(array)
+
+
+def _format(value: float | None, decimals: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{decimals}f}"
+
+
+class RunLogger:
+    """Per-phase metrics, best-epoch tracking and the run files of one run directory."""
+
+    def __init__(self, run_dir: Path, *, resume: bool = False, echo: bool = True):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.echo = echo
+        self.resume = resume
+        self._log_file = open(self.run_dir / LOG_FILE, "a" if resume else "w", encoding="utf-8")
+        self._metrics_path = self.run_dir / METRICS_FILE
+        if resume:
+            self._metrics_lines = _count_lines(self._metrics_path)
+        else:
+            # A fresh run starts a fresh metrics log (a leftover one belongs to an older run).
+            fileio.atomic_write_text(self._metrics_path, "")
+            self._metrics_lines = 0
+        self.best_epoch: int | None = None
+        self.best_val_map: float | None = None
+        self.best_test_map: float | None = None
+        self.best_test_ap: list[float] | None = None
+        self.epochs_run = 0
+        self.last_ap_clean: np.ndarray | None = None
+        self._phase: dict | None = None
+
+    # -- console and log.txt ------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        """One line to the console (when echo) and to log.txt, flushed at once."""
+        if self.echo:
+            print(message, flush=True)
+        self._log_file.write(message + "\n")
+        self._log_file.flush()
+
+    # -- one phase --------------------------------------------------------------------------------
+    def begin_phase(self, phase: str, epoch: int, num_examples: int, num_classes: int) -> None:
+        """Start a phase: preallocate its arrays and start its timer."""
+        if phase not in PHASES:
+            raise ValueError(f"RunLogger.begin_phase: phase must be one of {PHASES}, got {phase!r}")
+        if self._phase is not None:
+            raise RuntimeError(f"RunLogger.begin_phase({phase!r}) while phase "
+                               f"{self._phase['phase']!r} has not ended (call end_phase first)")
+        self._phase = {
+            "phase": phase, "epoch": int(epoch), "start": time.perf_counter(),
+            "scores": np.zeros((num_examples, num_classes), dtype=np.float32),
+            "clean": np.zeros((num_examples, num_classes), dtype=np.float32),
+            "observed": np.zeros((num_examples, num_classes), dtype=np.float32),
+            "recorded": np.zeros(num_examples, dtype=bool),
+            "loss_sum": 0.0, "loss_count": 0,
+        }
+
+    def record_batch(self, indices, scores, clean_labels, observed_labels, loss: float | None = None) -> None:
+        """Store one batch; ``indices`` are positions 0..num_examples-1 within the phase.
+
+        ``loss`` is the batch's mean loss; the phase loss is its mean over examples (as the original).
+        """
+        state = self._require_phase("record_batch")
+        indices = _to_numpy(indices).astype(np.int64, copy=False).reshape(-1)
+        batch = {"scores": _to_numpy(scores), "clean": _to_numpy(clean_labels),
+                 "observed": _to_numpy(observed_labels)}
+        num_examples, num_classes = state["scores"].shape
+        for name, values in batch.items():
+            if values.shape != (len(indices), num_classes):
+                raise ValueError(f"RunLogger.record_batch: {name} has shape {values.shape}, expected "
+                                 f"({len(indices)}, {num_classes}) for {len(indices)} indices")
+        if len(indices) and (indices.min() < 0 or indices.max() >= num_examples):
+            raise ValueError(f"RunLogger.record_batch: indices must lie in [0, {num_examples}), "
+                             f"got {indices.min()}..{indices.max()}")
+        for name, values in batch.items():
+            state[name][indices] = values
+        state["recorded"][indices] = True
+        if loss is not None:
+            state["loss_sum"] += float(loss) * len(indices)
+            state["loss_count"] += len(indices)
+
+    def end_phase(self) -> dict:
+        """Score the phase, log its line, append it to metrics.jsonl and return that record."""
+        state = self._require_phase("end_phase")
+        self._phase = None
+        recorded = state["recorded"]
+        num_recorded = int(recorded.sum())
+        scores, clean, observed = state["scores"], state["clean"], state["observed"]
+        if num_recorded < len(recorded):
+            # Score what was seen rather than zeros; say so, since the numbers cover fewer images.
+            self.log(f"[{state['phase']}] note: {num_recorded} of {len(recorded)} examples recorded; "
+                     f"metrics use those only")
+            scores, clean, observed = scores[recorded], clean[recorded], observed[recorded]
+        clean_metrics, ap_clean = metrics.metrics_and_ap(scores, clean)
+        observed_metrics = metrics.compute_metrics(scores, observed)
+        loss = state["loss_sum"] / state["loss_count"] if state["loss_count"] else None
+        time_min = (time.perf_counter() - state["start"]) / 60.0
+        record = {"epoch": state["epoch"], "phase": state["phase"], "time_min": time_min, "loss": loss,
+                  "num_examples": num_recorded, "clean": clean_metrics, "observed": observed_metrics,
+                  "ap_clean": [100.0 * float(ap) for ap in ap_clean]}
+        self.log(f"[{state['phase']}] time: {time_min:.2f} min, loss: {_format(loss)}, "
+                 f"map_clean: {clean_metrics['map']:.3f}, map_observed: {observed_metrics['map']:.3f}")
+        self._append_metrics(record)
+        self.last_ap_clean = ap_clean
+        if state["phase"] in ("train", "val"):
+            self.epochs_run = max(self.epochs_run, state["epoch"])
+        return record
+
+    # -- model selection ----------------------------------------------------------------------------
+    def update_best(self, epoch: int, val_map: float) -> bool:
+        """Record ``epoch`` as the new best when ``val_map`` is strictly higher (NaN never is)."""
+        val_map = float(val_map)
+        if math.isnan(val_map) or (self.best_val_map is not None and not val_map > self.best_val_map):
+            return False
+        self.best_epoch, self.best_val_map = int(epoch), val_map
+        # The previous best's test result no longer applies; set_best_test brings the new one.
+        self.best_test_map, self.best_test_ap = None, None
+        return True
+
+    def set_best_test(self, test_result: dict) -> None:
+        """Keep the test ``end_phase`` record of the best epoch as the run's reported result."""
+        if test_result.get("phase") != "test" or test_result.get("epoch") != self.best_epoch:
+            raise ValueError(f"RunLogger.set_best_test: expected the test record of the best epoch "
+                             f"{self.best_epoch}, got phase {test_result.get('phase')!r} epoch "
+                             f"{test_result.get('epoch')!r}")
+        self.best_test_map = float(test_result["clean"]["map"])
+        self.best_test_ap = [float(ap) for ap in test_result["ap_clean"]]
+
+    # -- end of run ---------------------------------------------------------------------------------
+    def finish(self, config: dict, extra: dict | None = None) -> dict:
+        """Log the three final lines and write summary.json atomically; return the summary."""
+        self.log(f"Best epoch: {self.best_epoch if self.best_epoch is not None else 'n/a'}")
+        self.log(f"Best epoch validation score: {_format(self.best_val_map)}")
+        self.log(f"Best epoch test score: {_format(self.best_test_map)}")
+        summary = {"dataset": config.get("dataset"), "model": config.get("model"), "loss": config.get("loss"),
+                   "seed": config.get("seed"), "best_epoch": self.best_epoch,
+                   "best_val_map": self.best_val_map, "best_test_map": self.best_test_map,
+                   "test_ap_per_class": self.best_test_ap, "epochs_run": self.epochs_run, **(extra or {})}
+        fileio.atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
+        return summary
+
+    # -- resume -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Best-so-far state for a checkpoint (plain Python types: loads with weights_only=True)."""
+        return {"best_epoch": self.best_epoch, "best_val_map": self.best_val_map,
+                "best_test_map": self.best_test_map, "best_test_ap": self.best_test_ap,
+                "epochs_run": self.epochs_run, "metrics_lines": self._metrics_lines}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the best-so-far state; drop metrics.jsonl lines written after that checkpoint
+        (a crash between a phase and the next checkpoint would otherwise repeat those phases)."""
+        self.best_epoch = state["best_epoch"]
+        self.best_val_map = state["best_val_map"]
+        self.best_test_map = state["best_test_map"]
+        self.best_test_ap = state["best_test_ap"]
+        self.epochs_run = state["epochs_run"]
+        keep = int(state.get("metrics_lines", self._metrics_lines))
+        if self._metrics_lines != keep:
+            lines = _read_lines(self._metrics_path)[:keep]
+            fileio.atomic_write_text(self._metrics_path, "".join(line + "\n" for line in lines))
+            self.log(f"resume: {METRICS_FILE} cut back to the {len(lines)} phases of the checkpoint")
+            self._metrics_lines = len(lines)
+
+    def close(self) -> None:
+        if not self._log_file.closed:
+            self._log_file.close()
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _require_phase(self, caller: str) -> dict:
+        if self._phase is None:
+            raise RuntimeError(f"RunLogger.{caller} called outside a phase (call begin_phase first)")
+        return self._phase
+
+    def _append_metrics(self, record: dict) -> None:
+        # A log, so appending is right; flush + fsync so a crash keeps every finished phase.
+        with open(self._metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._metrics_lines += 1
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Complete lines of a text file ([] if absent); a torn last line (no newline) is dropped."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    return lines[:-1]  # the piece after the last newline is empty or a torn write
+
+
+def _count_lines(path: Path) -> int:
+    return len(_read_lines(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Summariser
+# ------------------------------------------------------------------------------------------------
+
+# config.json keys that do not change the experiment (bookkeeping, paths, hardware): runs that
+# differ only in these and in the seed form one group. Keys ending in "_dir" are ignored too.
+BOOKKEEPING_KEYS = frozenset({"seed", "run_name", "output_dir", "resume", "gpu", "device", "num_workers",
+                              "data_root", "cache_dir", "test_every_epoch", "echo"})
+
+
+def _is_run_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in (SUMMARY_FILE, CONFIG_FILE, LOG_FILE, METRICS_FILE))
+
+
+def _expand(paths: Iterable[Path]) -> list[tuple[Path, str | None]]:
+    """(run dir, problem) pairs: a run dir as given, or the run dirs one level below a parent."""
+    runs: list[tuple[Path, str | None]] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            runs.append((path, "no such directory"))
+        elif _is_run_dir(path):
+            runs.append((path, None))
+        else:
+            children = sorted(child for child in path.iterdir() if child.is_dir() and _is_run_dir(child))
+            if not children:
+                runs.append((path, "no run directories in it (nothing with summary.json or config.json)"))
+            runs.extend((child, None) for child in children)
+    return runs
+
+
+def _read_json(path: Path) -> tuple[dict | None, str | None]:
+    """(content, problem): a problem says what is wrong instead of raising."""
+    if not path.exists():
+        return None, f"no {path.name}"
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        return None, f"{path.name} unreadable (invalid JSON at line {error.lineno}, column {error.colno})"
+    except (OSError, UnicodeDecodeError) as error:
+        return None, f"{path.name} unreadable ({type(error).__name__}: {error})"
+    if not isinstance(content, dict):
+        return None, f"{path.name} is not a JSON object"
+    return content, None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _read_run(run_dir: Path) -> dict:
+    """One table row: values from summary.json (and config.json), plus what is wrong, if anything."""
+    summary, summary_problem = _read_json(run_dir / SUMMARY_FILE)
+    config, config_problem = _read_json(run_dir / CONFIG_FILE)
+    source = summary or config or {}
+    problems = [problem for problem in (summary_problem, config_problem) if problem]
+    if summary_problem and summary_problem.startswith("no ") and config is not None:
+        problems[0] = "no summary.json (unfinished or crashed run?)"
+    row = {"run": run_dir.name, "dataset": source.get("dataset"), "model": source.get("model"),
+           "loss": source.get("loss"), "seed": source.get("seed"), "best_epoch": None, "val": None,
+           "test": None, "problems": problems, "group": None, "config": config}
+    if summary is not None:
+        row["best_epoch"] = summary.get("best_epoch")
+        row["val"] = _number(summary.get("best_val_map"))
+        row["test"] = _number(summary.get("best_test_map"))
+        if row["val"] is None:
+            problems.append("summary.json has no best_val_map")
+    if config is not None and summary is not None:
+        key = {k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS and not k.endswith("_dir")}
+        row["group"] = json.dumps(key, sort_keys=True, default=str)
+    return row
+
+
+def _problem_row(path: Path, problem: str) -> dict:
+    return {"run": str(path), "dataset": None, "model": None, "loss": None, "seed": None, "best_epoch": None,
+            "val": None, "test": None, "problems": [problem], "group": None, "config": None}
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()
+             for line in [header, ["-" * width for width in widths], *rows]]
+    return "\n".join(lines)
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"  # sample std (ddof=1)
+
+
+def _group_label(group_rows: list[dict], all_groups: dict[str, list[dict]]) -> str:
+    """'dataset model loss', plus the settings that tell this group apart from other groups of
+    the same dataset, model and loss (e.g. lr=0.0001)."""
+    first = group_rows[0]
+    label = f"{first['dataset']} {first['model']} {first['loss']}"
+    config = json.loads(first["group"])
+    siblings = [json.loads(key) for key, rows in all_groups.items()
+                if (rows[0]["dataset"], rows[0]["model"], rows[0]["loss"])
+                == (first["dataset"], first["model"], first["loss"])]
+    differing = sorted(k for k in set().union(*siblings) if len({json.dumps(s.get(k), default=str)
+                                                                  for s in siblings}) > 1)
+    if differing:
+        label += " [" + ", ".join(f"{k}={config.get(k)}" for k in differing) + "]"
+    return label
+
+
+def summarize(run_dirs: list[Path]) -> str:
+    """The results table: one row per run, then mean ± sample std over runs differing only in seed.
+
+    Each path is a run directory (holding summary.json / config.json) or a folder of run
+    directories (scanned one level deep). Missing or corrupt files become a row that says
+    what is wrong; they never stop the table.
+    """
+    rows = [_read_run(path) if problem is None else _problem_row(path, problem)
+            for path, problem in _expand(run_dirs)]
+    header = ["run", "dataset", "model", "loss", "seed", "best epoch", "val mAP", "test mAP", "notes"]
+    body = [[row["run"], row["dataset"] or "?", row["model"] or "?", row["loss"] or "?",
+             "?" if row["seed"] is None else row["seed"],
+             "n/a" if row["best_epoch"] is None else row["best_epoch"],
+             _format(row["val"], 2), _format(row["test"], 2), "; ".join(row["problems"])]
+            for row in rows]
+    text = _table(header, body)
+
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["group"] is not None and row["val"] is not None:
+            groups.setdefault(row["group"], []).append(row)
+    seed_groups = [group for group in groups.values() if len(group) >= 2]
+    if seed_groups:
+        group_body = []
+        for group in seed_groups:
+            seeds = ",".join(str(row["seed"]) for row in sorted(group, key=lambda r: str(r["seed"])))
+            tests = [row["test"] for row in group if row["test"] is not None]
+            group_body.append([_group_label(group, groups), len(group), seeds,
+                               _mean_std([row["val"] for row in group]),
+                               _mean_std(tests) + ("" if len(tests) == len(group) else f" ({len(tests)} runs)")])
+        text += "\n\nRuns differing only in seed (mean ± sample std):\n"
+        text += _table(["configuration", "runs", "seeds", "val mAP", "test mAP"], group_body)
+    return text + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Summarise VLPL runs: one row per run, mean ± std over seeds.")
+    parser.add_argument("results_dirs", nargs="+", type=Path, metavar="RESULTS_DIR",
+                        help="a run directory or a folder of run directories (e.g. results/)")
+    args = parser.parse_args(argv)
+    print(summarize(args.results_dirs), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
