@@ -104,6 +104,15 @@ def test_compute_metrics_matches_loop(seed, num_classes):
     assert got["map"] == pytest.approx(100 * sklearn_ap(scores, targets).mean(), abs=1e-10)
 
 
+def test_memory_layout_and_dtypes_do_not_matter():
+    scores, targets = random_case(2, tie_decimals=1)
+    expected = metrics.compute_metrics(scores, targets)
+    assert metrics.compute_metrics(np.asfortranarray(scores), np.asfortranarray(targets)) == expected
+    assert metrics.compute_metrics(scores[::-1][::-1], targets.astype(np.int8)) == expected
+    assert metrics.compute_metrics((scores * 10).astype(int), targets) == \
+        metrics.compute_metrics((scores * 10).astype(float), targets)
+
+
 def test_topk_tie_rule_lower_class_index_first():
     scores = np.array([[0.5, 0.9, 0.5, 0.5, 0.1, 0.5, 0.5]])
     # Ranked: class 1 (0.9), then the tied 0.5s in index order 0, 2, 3, 5, 6: the top-5 holds
