@@ -58,7 +58,12 @@ class RunLogger:
         self._log_file = open(self.run_dir / LOG_FILE, "a" if resume else "w", encoding="utf-8")
         self._metrics_path = self.run_dir / METRICS_FILE
         if resume:
-            self._metrics_lines = _count_lines(self._metrics_path)
+            text = self._metrics_path.read_text(encoding="utf-8") if self._metrics_path.exists() else ""
+            lines = _complete_lines(text)
+            if text and not text.endswith("\n"):
+                # A torn last line (crash mid-write): drop it so the next append starts a clean line.
+                fileio.atomic_write_text(self._metrics_path, "".join(line + "\n" for line in lines))
+            self._metrics_lines = len(lines)
         else:
             # A fresh run starts a fresh metrics log (a leftover one belongs to an older run).
             fileio.atomic_write_text(self._metrics_path, "")
@@ -196,8 +201,8 @@ class RunLogger:
         self.best_test_ap = state["best_test_ap"]
         self.epochs_run = state["epochs_run"]
         keep = int(state.get("metrics_lines", self._metrics_lines))
-        if self._metrics_lines != keep:
-            lines = _read_lines(self._metrics_path)[:keep]
+        if self._metrics_lines > keep:
+            lines = _complete_lines(self._metrics_path.read_text(encoding="utf-8"))[:keep]
             fileio.atomic_write_text(self._metrics_path, "".join(line + "\n" for line in lines))
             self.log(f"resume: {METRICS_FILE} cut back to the {len(lines)} phases of the checkpoint")
             self._metrics_lines = len(lines)
@@ -227,17 +232,9 @@ class RunLogger:
         self._metrics_lines += 1
 
 
-def _read_lines(path: Path) -> list[str]:
-    """Complete lines of a text file ([] if absent); a torn last line (no newline) is dropped."""
-    if not path.exists():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    return lines[:-1]  # the piece after the last newline is empty or a torn write
-
-
-def _count_lines(path: Path) -> int:
-    return len(_read_lines(path))
+def _complete_lines(text: str) -> list[str]:
+    """The newline-terminated lines of ``text``; a torn last line (no newline) is left out."""
+    return text.split("\n")[:-1]  # the piece after the last newline is empty or a torn write
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,13 +290,19 @@ def _read_run(run_dir: Path) -> dict:
     """One table row: values from summary.json (and config.json), plus what is wrong, if anything."""
     summary, summary_problem = _read_json(run_dir / SUMMARY_FILE)
     config, config_problem = _read_json(run_dir / CONFIG_FILE)
-    source = summary or config or {}
     problems = [problem for problem in (summary_problem, config_problem) if problem]
     if summary_problem and summary_problem.startswith("no ") and config is not None:
         problems[0] = "no summary.json (unfinished or crashed run?)"
-    row = {"run": run_dir.name, "dataset": source.get("dataset"), "model": source.get("model"),
-           "loss": source.get("loss"), "seed": source.get("seed"), "best_epoch": None, "val": None,
-           "test": None, "problems": problems, "group": None, "config": config}
+
+    def field(key: str) -> Any:
+        for source in (summary, config):
+            if source is not None and source.get(key) is not None:
+                return source[key]
+        return None
+
+    row = {"run": run_dir.name, "dataset": field("dataset"), "model": field("model"), "loss": field("loss"),
+           "seed": field("seed"), "best_epoch": None, "val": None, "test": None, "problems": problems,
+           "group": None, "config": config}
     if summary is not None:
         row["best_epoch"] = summary.get("best_epoch")
         row["val"] = _number(summary.get("best_val_map"))

@@ -60,7 +60,7 @@ def _average_precision(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     AP = mean over positives s of P(s), with P(s) = #positives scoring >= s / #items scoring >= s.
     Counting ">= s" puts a whole tie group on one threshold, exactly as sklearn groups ties.
     Only the class columns are sorted (no argsort, no per-image work); the loop over classes
-    does O(#positives) work per class.
+    masks one row and binary-searches that class's positives.
     """
     num_examples, num_classes = scores.shape
     ap = np.zeros(num_classes, dtype=np.float64)

@@ -190,6 +190,15 @@ def test_resume_restores_best_and_cuts_metrics_after_checkpoint(tmp_path):
     assert log.count("[train]") == 3 and "cut back" in log  # log.txt was appended, not replaced
 
 
+def test_resume_drops_a_torn_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "pha')
+    logger = RunLogger(tmp_path, resume=True, echo=False)
+    run_phase(logger, "val", 2, np.random.default_rng(0))
+    logger.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in records] == [1, 2] and records[1]["phase"] == "val"
+
+
 def test_fresh_run_replaces_old_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"old": 1}\n')
     RunLogger(tmp_path, echo=False).close()
