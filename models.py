@@ -449,6 +449,7 @@ class Teacher(nn.Module):
         self.std = tuple(datasets.CLIP_STD)
         self.embed_dim = int(clip_model.text_projection.shape[1])
         self.context_length = int(clip_model.context_length)
+        self.eval()
 
     def train(self, mode: bool = True) -> Teacher:
         # Stays in eval mode even when a parent module is switched to training.
