@@ -542,9 +542,11 @@ def load_text_features(path: str | os.PathLike, num_classes: int, embed_dim: int
 def pseudo_label_report(q: torch.Tensor | np.ndarray, clean_labels: np.ndarray,
                         observed: np.ndarray | None = None) -> dict:
     """How good the pseudo-labels are against the clean labels (entries == 1 are positive):
-    precision and recall of the +1 pseudo-labels, precision of the -1 ones (share truly absent),
-    positives and negatives per image. With ``observed``, only the unobserved entries (o == 0,
-    those the loss reads q at) count. Undefined ratios are None."""
+    precision and recall of the +1 pseudo-labels, positives and negatives per image, and, when
+    there are -1 pseudo-labels, ``negative_precision`` (share of them truly absent). With
+    ``observed``, only the unobserved entries (o == 0, where the loss reads q) count.
+    All values are numbers (a ratio with an empty denominator is 0.0, as scikit-learn's
+    zero_division=0), so the dict formats and serialises as it is."""
     q = q.detach().cpu().numpy() if isinstance(q, torch.Tensor) else np.asarray(q)
     clean = np.asarray(clean_labels) == 1
     if q.shape != clean.shape:
@@ -552,20 +554,23 @@ def pseudo_label_report(q: torch.Tensor | np.ndarray, clean_labels: np.ndarray,
     counted = np.ones_like(clean) if observed is None else (np.asarray(observed) == 0)
     positive = (q == 1) & counted
     negative = (q == -1) & counted
+    num_positive, num_negative = int(positive.sum()), int(negative.sum())
     true_positive = int((positive & clean).sum())
     num_images = int(q.shape[0])
 
-    def ratio(numerator: int, denominator: int) -> float | None:
-        return float(numerator / denominator) if denominator else None
+    def ratio(numerator: int, denominator: int) -> float:
+        return float(numerator / denominator) if denominator else 0.0
 
-    return {
-        "precision": ratio(true_positive, int(positive.sum())),
+    report = {
+        "precision": ratio(true_positive, num_positive),
         "recall": ratio(true_positive, int((clean & counted).sum())),
-        "negative_precision": ratio(int((negative & ~clean).sum()), int(negative.sum())),
-        "positives_per_image": ratio(int(positive.sum()), num_images),
-        "negatives_per_image": ratio(int(negative.sum()), num_images),
+        "positives_per_image": ratio(num_positive, num_images),
+        "negatives_per_image": ratio(num_negative, num_images),
         "num_images": num_images,
     }
+    if num_negative:
+        report["negative_precision"] = ratio(int((negative & ~clean).sum()), num_negative)
+    return report
 
 
 # ----------------------------------------------------------------------------------------------

@@ -259,6 +259,8 @@ def test_pseudo_label_report():
     assert unobserved["precision"] == pytest.approx(1 / 3)      # (0,3) fp, (1,0) fp, (1,1) tp
     assert unobserved["recall"] == pytest.approx(1 / 2)         # clean unobserved: (0,2), (1,1)
     empty = models.pseudo_label_report(np.zeros((2, 3)), np.zeros((2, 3)))
-    assert empty["precision"] is None and empty["recall"] is None
+    assert empty["precision"] == 0.0 and empty["recall"] == 0.0
+    assert "negative_precision" not in empty   # no -1 pseudo-labels (partial 0)
+    assert all(isinstance(v, (int, float)) for v in empty.values())
     with pytest.raises(ValueError, match="shape"):
         models.pseudo_label_report(np.zeros((2, 3)), np.zeros((3, 3)))
