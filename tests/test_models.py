@@ -330,3 +330,19 @@ def test_host_probe_is_bounded():
     # 192.0.2.1 is TEST-NET-1 (RFC 5737): never reachable.
     assert models._host_reachable("192.0.2.1", timeout=0.5) is False
     assert time.monotonic() - start < 3
+
+
+def test_full_size_resnet50_from_a_torchvision_file(tmp_path):
+    """The real architecture (not tiny) read from a file laid out like torchvision's download."""
+    import torchvision
+    reference = torchvision.models.resnet50(weights=None).eval()
+    path = tmp_path / "resnet50-0676ba61.pth"
+    torch.save(reference.state_dict(), path)   # includes the 1000-class fc, as the real file
+    model = models.build_model("resnet50", NUM_CLASSES, backbone_weights=path).eval()
+    assert model.feature_dim == 2048 and model.input_size == 448
+    x = images(64, batch=2)
+    reference.fc = torch.nn.Identity()
+    with torch.no_grad():
+        features = model.features(x)
+        torch.testing.assert_close(features, reference(x), rtol=0, atol=0)
+    assert model(x).shape == (2, NUM_CLASSES)
