@@ -97,6 +97,11 @@ def _build_resnet50(tiny: bool, pretrained: bool) -> tuple[nn.Module, int]:
     return net, dim
 
 
+# timm's names of the two ConvNeXt backbones (weights: ImageNet-22k, and 22k fine-tuned on 1k).
+_CONVNEXT_TIMM_NAMES = {"convnext_xlarge_22k": "convnext_xlarge.fb_in22k",
+                        "convnext_xlarge_1k": "convnext_xlarge.fb_in22k_ft_in1k"}
+
+
 def _convnext_builder(timm_name: str) -> Callable[[bool, bool], tuple[nn.Module, int]]:
     def build(tiny: bool, pretrained: bool) -> tuple[nn.Module, int]:
         # num_classes=0: timm keeps the pooling and head norm and returns pooled features.
@@ -115,12 +120,12 @@ _BACKBONE_SPECS: dict[str, _BackboneSpec] = {
         336, None, (), "--clip-weights (clip_vision copies the CLIP vision tower)",
         "open_clip's download"),
     "convnext_xlarge_22k": _BackboneSpec(
-        448, _convnext_builder("convnext_xlarge.fb_in22k"), ("head.fc.",),
+        448, _convnext_builder(_CONVNEXT_TIMM_NAMES["convnext_xlarge_22k"]), ("head.fc.",),
         "/path/to/model.safetensors (timm convnext_xlarge.fb_in22k, or FB's "
         "convnext_xlarge_22k_224.pth)",
         "timm's download of convnext_xlarge.fb_in22k"),
     "convnext_xlarge_1k": _BackboneSpec(
-        448, _convnext_builder("convnext_xlarge.fb_in22k_ft_in1k"), ("head.fc.",),
+        448, _convnext_builder(_CONVNEXT_TIMM_NAMES["convnext_xlarge_1k"]), ("head.fc.",),
         "/path/to/model.safetensors (timm convnext_xlarge.fb_in22k_ft_in1k, or FB's "
         "convnext_xlarge_22k_1k_224_ema.pth)",
         "timm's download of convnext_xlarge.fb_in22k_ft_in1k"),
@@ -382,9 +387,7 @@ def _library_weights_available(backbone: str) -> bool:
         cached = (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)).is_file()
         # torch hub has no offline switch of its own: HF_HUB_OFFLINE means "no downloads" here too.
         return _download_available(cached, "download.pytorch.org")
-    timm_name = {"convnext_xlarge_22k": "convnext_xlarge.fb_in22k",
-                 "convnext_xlarge_1k": "convnext_xlarge.fb_in22k_ft_in1k"}[backbone]
-    hub_id = timm.models.get_pretrained_cfg(timm_name).hf_hub_id
+    hub_id = timm.models.get_pretrained_cfg(_CONVNEXT_TIMM_NAMES[backbone]).hf_hub_id
     return _download_available(_hf_cached(hub_id, ("model.safetensors", "pytorch_model.bin")),
                                "huggingface.co")
 

@@ -346,3 +346,33 @@ def test_full_size_resnet50_from_a_torchvision_file(tmp_path):
         features = model.features(x)
         torch.testing.assert_close(features, reference(x), rtol=0, atol=0)
     assert model(x).shape == (2, NUM_CLASSES)
+
+
+def _to_facebook_convnext_names(state: dict) -> dict:
+    """timm ConvNeXt names -> the original FB release's (what timm's filter maps back)."""
+    import re
+    out = {}
+    for key, value in state.items():
+        key = key.replace("stem.", "downsample_layers.0.")
+        key = re.sub(r"stages\.([0-9]+)\.downsample\.([0-9]+)", r"downsample_layers.\1.\2", key)
+        key = re.sub(r"stages\.([0-9]+)\.blocks\.([0-9]+)", r"stages.\1.\2", key)
+        key = key.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+        key = key.replace("head.norm.", "norm.")
+        if value.ndim == 4 and "pwconv" in key:
+            value = value.flatten(1)   # FB's pointwise layers are Linear
+        out[key] = value
+    return out
+
+
+def test_convnext_weights_in_facebook_layout(tmp_path):
+    source = models.build_model("convnext_xlarge_22k", NUM_CLASSES, tiny=True).eval()
+    state = _to_facebook_convnext_names(source.backbone.state_dict())
+    assert "norm.weight" in state and not any(k.startswith("stem.") for k in state)
+    state["head.weight"] = torch.randn(21841, source.feature_dim)   # FB's 22k classifier
+    state["head.bias"] = torch.randn(21841)
+    path = tmp_path / "convnext_xlarge_22k_224.pth"
+    torch.save({"model": state}, path)
+    loaded = models.build_model("convnext_xlarge_22k", NUM_CLASSES, tiny=True, backbone_weights=path)
+    x = images(models.TINY_INPUT_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().features(x), source.features(x), rtol=0, atol=0)
