@@ -1,0 +1,161 @@
+"""End-to-end runs of main_clip.main on the synthetic VOC-layout demo data with tiny models."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import losses
+import main_clip
+import metrics
+import models
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo-data")
+    main_clip.run_demo_data(root)
+    return root
+
+
+def run_args(demo_root: Path, out: Path, *extra: str):
+    argv = ["-d", "pascal", "--data-root", str(demo_root), "--output-dir", str(out), "--tiny-models",
+            "--num-workers", "0", "--epochs", "2", "--lr", "1e-3", "--bsize", "16", *extra]
+    return main_clip.get_args_parser().parse_args(argv)
+
+
+def read_run(run_dir: Path) -> dict:
+    log = (run_dir / "log.txt").read_text()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    return dict(log=log, records=records, summary=summary, config=config)
+
+
+@pytest.mark.parametrize("loss", losses.LOSS_NAMES)
+def test_every_loss_runs_and_writes_the_run_files(demo_root, tmp_path, loss):
+    extra = ["-l", loss, "--run-name", "r"]
+    if loss == "EM_APL":
+        extra += ["--warmup-epoch", "1"]
+    summary = main_clip.main(run_args(demo_root, tmp_path, *extra))
+    run_dir = tmp_path / "r"
+    run = read_run(run_dir)
+    assert run["config"]["loss"] == loss and run["config"]["lr"] == 1e-3
+    assert summary == run["summary"]
+    assert {(r["epoch"], r["phase"]) for r in run["records"]} >= {(1, "train"), (1, "val"), (2, "train"), (2, "val"), (1, "test")}
+    logged_test = float(re.search(r"Best epoch test score: ([0-9.]+)", run["log"]).group(1))
+    assert logged_test == pytest.approx(run["summary"]["best_test_map"], abs=1e-3)
+    assert re.search(r"\[train\] time: [0-9.]+ min, loss: -?[0-9.]+, map_clean: [0-9.]+, map_observed: [0-9.]+", run["log"])
+    assert len(run["summary"]["test_ap_per_class"]) == 20
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(run_dir / name, map_location="cpu", weights_only=True)
+        assert "model" in state
+    if loss in losses.LOSSES_NEEDING_PSEUDO:
+        assert 0.0 <= run["summary"]["pseudo_labels"]["recall"] <= 1.0
+
+
+def test_apl_turns_lowest_scores_into_soft_negatives():
+    observed = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 0, 0], [0, 1, 0]])
+    scores = torch.tensor([[0.9, 0.2, 0.3], [0.1, 0.5, 0.8], [0.4, 0.05, 0.6], [0.3, 0.7, 0.2]])
+    unobserved = (observed == 0).sum(0)  # 3 per class
+    main_clip.apl_update(observed, scores, unobserved, neg_proportion=0.9, epochs_after_warmup=1)
+    # int(0.9 * 3) = 2 entries per class, the lowest-scored unobserved ones
+    expected = torch.tensor([[1.0, -0.2, -0.3], [-0.1, 0, 1], [0, -0.05, 0], [-0.3, 1, -0.2]])
+    assert torch.allclose(observed, expected)
+
+
+def test_training_learns_on_demo_data(demo_root, tmp_path):
+    args = run_args(demo_root, tmp_path, "-l", "an", "--run-name", "learn", "--epochs", "4")
+    summary = main_clip.main(args)
+    config = main_clip.resolve_config(run_args(demo_root, tmp_path, "-l", "an"))
+    bench = datasets.load_benchmark(demo_root, "pascal")
+    torch.manual_seed(config["seed"])
+    untrained = models.build_model(config["model"], 20, tiny=True)
+    test_set = main_clip._phase_dataset(bench.test, bench.image_dir, config, train=False)
+    scores, indices = main_clip.predict(untrained, main_clip.make_loader(test_set, 32, False, 0), "cpu", "untrained")
+    untrained_map = metrics.compute_metrics(scores, bench.test.labels[indices])["map"]
+    assert summary["best_test_map"] >= untrained_map + 15, (summary["best_test_map"], untrained_map)
+
+
+def test_resume_gives_the_same_numbers(demo_root, tmp_path):
+    once = main_clip.main(run_args(demo_root, tmp_path, "-l", "EM_PL", "--run-name", "once"))
+    main_clip.main(run_args(demo_root, tmp_path, "-l", "EM_PL", "--run-name", "twice", "--epochs", "1"))
+    resumed = main_clip.main(run_args(demo_root, tmp_path, "-l", "EM_PL", "--run-name", "twice", "--resume"))
+    assert resumed == once
+    log = (tmp_path / "twice" / "log.txt").read_text()
+    assert "resumed from" in log
+
+
+def test_online_pseudo_labels_run(demo_root, tmp_path):
+    summary = main_clip.main(run_args(demo_root, tmp_path, "-l", "EM_PL", "--pseudo-labels", "online",
+                                      "--run-name", "online", "--epochs", "1"))
+    assert summary["best_epoch"] == 1
+
+
+def test_cached_and_online_pseudo_labels_agree_on_unflipped_images(demo_root, tmp_path):
+    bench = datasets.load_benchmark(demo_root, "pascal")
+    teacher = models.build_teacher(tiny=True)
+    info = datasets.get_dataset_info("pascal")
+    text = models.load_text_features(demo_root / "pascal" / info.text_feature_file, 20, teacher.embed_dim)
+    paths = [bench.image_dir / p for p in bench.train.images[:24]]
+    cached = models.cached_embeddings(teacher.embed, {"teacher": teacher.fingerprint}, [str(p) for p in paths],
+                                      teacher.input_size, teacher.mean, teacher.std, tmp_path / "cache.npz")
+    cached_q, _ = models.pseudo_labels_from_embeddings(torch.from_numpy(cached), text, 0.01, 0.3, 0.1)
+    online_set = datasets.MultiLabelDataset(paths, bench.train.labels_obs[:24], bench.train.labels[:24], 32, train=False,
+                                            teacher_view=(teacher.input_size, teacher.mean, teacher.std))
+    batch = next(iter(main_clip.make_loader(online_set, 24, False, 0)))
+    online_q, _ = models.pseudo_labels_from_embeddings(teacher.embed(batch["teacher_image"]), text, 0.01, 0.3, 0.1)
+    assert torch.equal(cached_q, online_q)
+    assert (cached_q == 1).any() and (cached_q == -1).any()
+
+
+def cli_error(capsys, argv) -> str:
+    code = main_clip.cli(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ")
+    return err[0]
+
+
+def test_bad_input_is_one_line_error_and_writes_nothing(demo_root, tmp_path, capsys):
+    common = ["--output-dir", str(tmp_path / "out"), "--tiny-models", "--num-workers", "0"]
+    message = cli_error(capsys, ["-d", "coco", "--data-root", str(demo_root), *common])
+    assert "format_coco.py" in message
+    empty = tmp_path / "empty"
+    (empty / "pascal").mkdir(parents=True)
+    for name in ("images", "labels"):
+        np.save(empty / "pascal" / f"formatted_train_{name}.npy", np.load(demo_root / "pascal" / f"formatted_train_{name}.npy"))
+    message = cli_error(capsys, ["-d", "pascal", "--data-root", str(empty), *common])
+    assert "generate_observed_labels.py" in message or "format_pascal.py" in message
+    bad_text = tmp_path / "bad_text.npy"
+    np.save(bad_text, np.ones((19, 8), dtype=np.float32))
+    message = cli_error(capsys, ["-d", "pascal", "--data-root", str(demo_root), "--text-features", str(bad_text), *common])
+    assert str(bad_text) in message and "make_text_features.py" in message
+    assert not (tmp_path / "out").exists()
+
+    taken = tmp_path / "out" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "log.txt").write_text("an earlier run\n")
+    message = cli_error(capsys, ["-d", "pascal", "--data-root", str(demo_root), "--run-name", "taken", *common])
+    assert "--resume" in message
+    assert sorted(p.name for p in taken.iterdir()) == ["log.txt"]
+
+
+def test_resume_command_lists_the_changed_flags():
+    config = main_clip.resolve_config(main_clip.get_args_parser().parse_args(["-d", "coco", "-t", "0.02", "--tiny-models"]))
+    command = main_clip.resume_command(config)
+    assert command.startswith("python main_clip.py") and command.endswith("--resume")
+    assert "--dataset coco" in command and "--temp 0.02" in command and "--tiny-models" in command
+
+
+def test_demo_flags_keep_what_the_user_set():
+    parser = main_clip.get_args_parser()
+    given = main_clip.given_flags(parser, ["--demo", "--epochs=1", "-l", "an"])
+    assert given == {"demo", "epochs", "loss"}
+    args = main_clip.demo_args(parser.parse_args(["--demo", "--epochs=1", "-l", "an"]), given)
+    assert args.epochs == 1 and args.tiny_models and args.loss == "an" and args.num_workers == 0
