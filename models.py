@@ -9,7 +9,9 @@ DESIGN.md sections 4 (pseudo-labels, text features) and 6 (backbones, weights, s
   any data work starts.
 * ``Teacher`` is a frozen CLIP; its image embeddings are computed once per image and cached by
   ``cached_embeddings``, so temperature / threshold / partial / text features cost no CLIP pass.
-* ``tiny=True`` gives the same classes at a tiny size with random weights (tests and the demo).
+* ``tiny=True`` gives the same classes at a tiny size with random weights (tests and the demo);
+  ``pretrained=False`` gives the full-size architectures with random weights, reading and
+  downloading nothing (bench/epoch_cost.py).
 """
 from __future__ import annotations
 
@@ -168,21 +170,28 @@ class Classifier(nn.Module):
 
 def build_model(backbone: str, num_classes: int, *, backbone_weights: str | os.PathLike | None = None,
                 clip_model: CLIP | None = None, tiny: bool = False,
-                clip_weights: str | os.PathLike | None = None) -> Classifier:
+                clip_weights: str | os.PathLike | None = None, pretrained: bool = True) -> Classifier:
     """The ``backbone`` with a ``num_classes`` head (DESIGN section 6).
 
     resnet50 / convnext: weights from ``backbone_weights`` when given, else the library download
     (tiny: random init, unless ``backbone_weights`` is given). clip_vision: a trainable deep copy
-    of ``clip_model.visual`` (``load_clip(clip_weights, tiny=tiny)`` when ``clip_model`` is None).
+    of ``clip_model.visual`` (``load_clip(clip_weights, tiny=tiny, pretrained=pretrained)`` when
+    ``clip_model`` is None).
+
+    ``pretrained=False``: the full-size architecture (or the tiny one with ``tiny``) with random
+    weights; nothing is read or downloaded, so a weight file may not be named with it (a given
+    ``clip_model`` is still copied as it is). For benchmarks of speed and memory.
     """
     spec = _spec(backbone)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not pretrained and (backbone_weights is not None or clip_weights is not None):
+        raise ValueError("pretrained=False builds random weights; it takes no weight file")
     if backbone == "clip_vision":
         if backbone_weights is not None:
             raise ValueError("clip_vision takes its weights from --clip-weights, not --backbone-weights")
         if clip_model is None:
-            clip_model = load_clip(clip_weights, tiny=tiny)
+            clip_model = load_clip(clip_weights, tiny=tiny, pretrained=pretrained)
         net = copy.deepcopy(clip_model.visual)
         # The source may be the frozen teacher's tower: the copy is trained.
         net.requires_grad_(True)
@@ -190,7 +199,7 @@ def build_model(backbone: str, num_classes: int, *, backbone_weights: str | os.P
         dim = int(net.output_dim)
         size = _clip_image_size(clip_model)
     else:
-        net, dim = spec.build(tiny, backbone_weights is None and not tiny)
+        net, dim = spec.build(tiny, pretrained and backbone_weights is None and not tiny)
         if backbone_weights is not None:
             _load_backbone_weights(net, backbone_weights, backbone)
         size = input_size(backbone, tiny)
@@ -301,13 +310,20 @@ def _load_clip_weights(model: CLIP, path: str | os.PathLike) -> None:
     _load_strict(model, state, path, "--clip-weights", f"CLIP {CLIP_MODEL_NAME}")
 
 
-def load_clip(clip_weights: str | os.PathLike | None = None, *, tiny: bool = False) -> CLIP:
+def load_clip(clip_weights: str | os.PathLike | None = None, *, tiny: bool = False,
+              pretrained: bool = True) -> CLIP:
     """The CLIP model in eval mode, float32, on the CPU.
 
     ``clip_weights``: OpenAI's TorchScript ``ViT-L-14-336px.pt`` or a state-dict file; None:
     open_clip's download of ``ViT-L-14-336-quickgelu`` / ``openai``. ``tiny``: a small CLIP with
-    fixed random weights (or ``clip_weights`` read into it).
+    fixed random weights (or ``clip_weights`` read into it). ``pretrained=False``: the full-size
+    ``ViT-L-14-336-quickgelu`` architecture (open_clip's config, as for a weight file) with
+    open_clip's random initialisation; nothing is read or downloaded (no ``clip_weights``).
     """
+    if not pretrained:
+        if clip_weights is not None:
+            raise ValueError("pretrained=False builds random weights; it takes no --clip-weights file")
+        return _clip_architecture(tiny).float().eval()
     if clip_weights is None and not tiny:
         model = open_clip.create_model(CLIP_MODEL_NAME, pretrained=CLIP_PRETRAINED_TAG)
     else:
@@ -475,11 +491,12 @@ class Teacher(nn.Module):
 
 
 def build_teacher(clip_weights: str | os.PathLike | None = None, *, tiny: bool = False,
-                  clip_model: CLIP | None = None) -> Teacher:
-    """The frozen teacher around ``clip_model`` (``load_clip(clip_weights, tiny=tiny)`` if None);
-    its fingerprint hashes the weights (``weights_fingerprint``)."""
+                  clip_model: CLIP | None = None, pretrained: bool = True) -> Teacher:
+    """The frozen teacher around ``clip_model`` (``load_clip(clip_weights, tiny=tiny,
+    pretrained=pretrained)`` if None); its fingerprint hashes the weights
+    (``weights_fingerprint``), random ones included."""
     if clip_model is None:
-        clip_model = load_clip(clip_weights, tiny=tiny)
+        clip_model = load_clip(clip_weights, tiny=tiny, pretrained=pretrained)
     return Teacher(clip_model, weights_fingerprint(clip_model))
 
 

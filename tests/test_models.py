@@ -376,3 +376,66 @@ def test_convnext_weights_in_facebook_layout(tmp_path):
     x = images(models.TINY_INPUT_SIZE)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval().features(x), source.features(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrained=False: full-size architectures at random init (benchmarks), nothing read
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_weight_loading(monkeypatch):
+    """Every way models.py reads or downloads weights raises."""
+    import torchvision
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pretrained=False must not read or download weights")
+
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.__class__,
+                        "get_state_dict", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(open_clip, "create_model", refuse)
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", refuse)
+    monkeypatch.setattr(models, "read_state_dict", refuse)
+
+
+def test_full_size_resnet50_at_random_init(no_weight_loading):
+    import torchvision
+    model = models.build_model("resnet50", NUM_CLASSES, pretrained=False).eval()
+    assert isinstance(model.backbone, torchvision.models.ResNet)
+    assert model.feature_dim == 2048 and model.input_size == 448
+    full = sum(p.numel() for p in torchvision.models.resnet50(weights=None).parameters())
+    head = 2048 * NUM_CLASSES + NUM_CLASSES
+    assert sum(p.numel() for p in model.parameters()) == full - (2048 * 1000 + 1000) + head
+    with torch.no_grad():
+        assert model(images(64, batch=2)).shape == (2, NUM_CLASSES)
+
+
+def test_random_init_clip_builds_the_real_architecture_without_weights(monkeypatch,
+                                                                       no_weight_loading):
+    """load_clip / build_teacher / clip_vision with pretrained=False build open_clip's
+    ViT-L-14-336-quickgelu architecture (swapped for the tiny one here: 428M parameters are too
+    many for a unit test) and read nothing; the teacher's fingerprint hashes the random weights."""
+    calls, build_tiny = [], models._clip_architecture
+
+    def fake_architecture(tiny):
+        calls.append(tiny)
+        return build_tiny(True)
+
+    monkeypatch.setattr(models, "_clip_architecture", fake_architecture)
+    clip = models.load_clip(pretrained=False)
+    assert calls == [False] and not clip.training
+    teacher = models.build_teacher(pretrained=False)
+    assert teacher.fingerprint == models.weights_fingerprint(teacher.clip_model)
+    model = models.build_model("clip_vision", NUM_CLASSES, pretrained=False)
+    assert calls == [False, False, False]
+    assert model(images(models.TINY_INPUT_SIZE, batch=1)).shape == (1, NUM_CLASSES)
+
+
+def test_random_init_takes_no_weight_file(tmp_path):
+    with pytest.raises(ValueError, match="pretrained=False"):
+        models.build_model("resnet50", NUM_CLASSES, backbone_weights=tmp_path / "w.pth",
+                           pretrained=False)
+    with pytest.raises(ValueError, match="pretrained=False"):
+        models.load_clip(tmp_path / "clip.pt", pretrained=False)
+    with pytest.raises(ValueError, match="pretrained=False"):
+        models.build_teacher(tmp_path / "clip.pt", pretrained=False)
