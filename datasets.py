@@ -421,16 +421,73 @@ class MultiLabelDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_paths)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, bool]) -> dict:
+        """``item`` is an index, or ``(index, flip)`` from ``AugmentationSampler``; a plain index
+        of a train set draws its flip with torch.rand."""
+        index, flip = item if isinstance(item, tuple) else (item, self.train and torch.rand(1).item() < 0.5)
         image = _open_rgb(self.image_paths[index])
-        # torch.rand, not numpy/random, so DataLoader worker seeding makes the flips reproducible.
-        if self.train and torch.rand(1).item() < 0.5:
+        if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        item = {"image": self.transform(image), "observed": self.observed[index],
-                "clean": self.clean[index], "index": int(index)}
+        out = {"image": self.transform(image), "observed": self.observed[index],
+               "clean": self.clean[index], "index": int(index)}
         if self.teacher_transform is not None:
-            item["teacher_image"] = self.teacher_transform(image)
-        return item
+            out["teacher_image"] = self.teacher_transform(image)
+        return out
+
+
+class AugmentationSampler(torch.utils.data.Sampler):
+    """Yields ``(index, flip)`` in a shuffled order, both drawn in the main process from
+    ``generator``: the order and the flips of an epoch depend only on the generator's seed,
+    not on worker processes or their lifetime, so a resumed run repeats them exactly."""
+
+    def __init__(self, num_items: int, generator: torch.Generator, shuffle: bool = True):
+        self.num_items = num_items
+        self.generator = generator
+        self.shuffle = shuffle
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self):
+        order = (torch.randperm(self.num_items, generator=self.generator) if self.shuffle
+                 else torch.arange(self.num_items))
+        flips = torch.rand(self.num_items, generator=self.generator) < 0.5
+        return iter(zip(order.tolist(), flips.tolist()))
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Cached backbone features with their labels, for the frozen-feature training modes.
+
+    Items look like ``MultiLabelDataset``'s (the network input under "image"). ``__getitems__``
+    serves a whole batch with one indexing operation (a DataLoader calls it when batching; pass
+    ``collate_fn=FeatureDataset.collate``), which keeps 80k-row epochs cheap.
+    """
+
+    def __init__(self, features, observed_labels, clean_labels):
+        self.features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+        self.observed = torch.as_tensor(np.asarray(observed_labels), dtype=torch.float32)
+        self.clean = torch.as_tensor(np.asarray(clean_labels), dtype=torch.float32)
+        if not len(self.features) == len(self.observed) == len(self.clean):
+            raise ValueError(f"features {tuple(self.features.shape)}, observed {tuple(self.observed.shape)} and "
+                             f"clean {tuple(self.clean.shape)} labels must have the same number of rows")
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, item: int | tuple[int, bool]) -> dict:
+        index = item[0] if isinstance(item, tuple) else item
+        return {"image": self.features[index], "observed": self.observed[index],
+                "clean": self.clean[index], "index": int(index)}
+
+    @staticmethod
+    def collate(batch: dict) -> dict:
+        """The batch ``__getitems__`` already assembled."""
+        return batch
+
+    def __getitems__(self, items: list) -> dict:
+        index = torch.tensor([i[0] if isinstance(i, tuple) else i for i in items])
+        return {"image": self.features[index], "observed": self.observed[index],
+                "clean": self.clean[index], "index": index}
 
 
 class ImageListDataset(torch.utils.data.Dataset):

@@ -15,6 +15,7 @@ improves (the reported test mAP is that of the best val epoch, as in the origina
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -50,7 +51,7 @@ APL_DEFAULTS = {
 COMMON_DEFAULTS = dict(bsize=8, warmup_epoch=0)
 
 # Settings that may change when a run is resumed without changing what it computes.
-RESUMABLE_CHANGES = {"resume", "epochs", "num_workers", "gpu", "test_every_epoch"}
+RESUMABLE_CHANGES = {"resume", "epochs", "num_workers", "gpu", "test_every_epoch", "amp"}
 
 
 class RunError(Exception):
@@ -112,6 +113,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--pseudo-labels", choices=("cached", "online"), default="cached",
                    help="cached: teacher once per image before training; online: teacher on every augmented batch (original)")
     g.add_argument("--test-every-epoch", action="store_true", help="run the test phase every epoch, not only on a new best")
+    g.add_argument("--train-mode", choices=("end_to_end", "linear_fixed_features", "linear_init"), default="end_to_end",
+                   help="end_to_end; linear_fixed_features: only the head, on cached frozen features; "
+                        "linear_init: --head-epochs of that, then --epochs end to end from the best head")
+    g.add_argument("--head-epochs", type=int, default=25, help="linear_init: head-only epochs before fine-tuning (Cole et al.: 25)")
+    g.add_argument("--head-lr", type=float, default=1e-4, help="learning rate of head-only epochs (frozen-feature modes)")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="mixed precision for forward passes (fp16 with a gradient scaler, CUDA only)")
 
     g = p.add_argument_group("weights and outputs")
     g.add_argument("--backbone-weights", default=None, help="local weights file for resnet50 / convnext backbones")
@@ -146,7 +154,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 
 def _check_values(config: dict) -> None:
-    positive = ["epochs", "bsize", "lr", "temp", "image_size"]
+    positive = ["epochs", "bsize", "lr", "temp", "image_size", "head_epochs", "head_lr"]
     for key in positive:
         if not config[key] > 0:
             raise RunError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
@@ -154,6 +162,8 @@ def _check_values(config: dict) -> None:
         raise RunError(f"-p/--partial must be in [0, 1), got {config['partial']}")
     if config["num_workers"] < 0:
         raise RunError(f"--num-workers must be >= 0, got {config['num_workers']}")
+    if config["pseudo_labels"] == "online" and config["train_mode"] != "end_to_end":
+        raise RunError("--pseudo-labels online recomputes pseudo-labels on augmented images: it needs --train-mode end_to_end")
     if config["loss"] == "EM_APL" and config["warmup_epoch"] >= config["epochs"]:
         raise RunError(f"EM_APL needs --warmup-epoch ({config['warmup_epoch']}) below --epochs ({config['epochs']})")
 
@@ -184,28 +194,57 @@ def prepare_run_dir(config: dict) -> Path:
     return run_dir
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int | None = None) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      generator=generator, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, drop_last=False)
+def make_loader(dataset, batch_size: int, num_workers: int, sampler=None) -> DataLoader:
+    """Loader in dataset order, or in ``sampler``'s order (the train phase's AugmentationSampler)."""
+    features = isinstance(dataset, datasets.FeatureDataset)
+    workers = 0 if features else num_workers  # cached features are already in memory
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=datasets.FeatureDataset.collate if features else None,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+def autocast(amp: str, device: torch.device):
+    """Mixed precision for the forward passes (``--amp``); the loss is always computed in float32."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+
+
+def train_step(net, optimizer, scaler, inputs, loss_of, amp_context) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step: forward under autocast, float32 loss, scaled backward, step, scaler update.
+
+    ``loss_of(preds)`` gives the scalar loss of the batch's probabilities. Returns (preds, loss).
+    """
+    with amp_context:
+        logits = net(inputs)
+    preds = torch.sigmoid(logits.float())
+    loss = loss_of(preds)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss ({loss.item()})")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return preds, loss
 
 
 @torch.no_grad()
-def predict(model, loader, device, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities for a whole split, in dataset order: (N x K scores, N indices)."""
-    model.eval()
+def predict(net, loader, device, desc: str, amp: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities for a whole split in dataset order: (N x K scores, N indices)."""
+    net.eval()
     scores, indices = [], []
-    for batch in tqdm(loader, desc=desc, mininterval=3.0, leave=False):
-        scores.append(torch.sigmoid(model(batch["image"].to(device))).cpu())
-        indices.append(batch["index"])
+    for batch in tqdm(loader, desc=desc, mininterval=3.0, leave=False, dynamic_ncols=True):
+        with autocast(amp, device):
+            logits = net(batch["image"].to(device, non_blocking=True))
+        scores.append(torch.sigmoid(logits.float()).cpu())
+        indices.append(torch.as_tensor(batch["index"]))
     return torch.cat(scores).numpy(), torch.cat(indices).numpy()
 
 
-def evaluate(phase: str, epoch: int, model, loader, device, logger: RunLogger) -> dict:
+def evaluate(phase: str, epoch: int, net, loader, device, logger: RunLogger, amp: str = "none") -> dict:
     dataset = loader.dataset
     logger.begin_phase(phase, epoch, len(dataset), dataset.clean.shape[1])
-    scores, indices = predict(model, loader, device, desc=f"epoch {epoch} {phase}")
+    scores, indices = predict(net, loader, device, desc=f"epoch {epoch} {phase}", amp=amp)
     logger.record_batch(indices, scores, dataset.clean[indices], dataset.observed[indices])
     return logger.end_phase()
 
@@ -241,7 +280,7 @@ def run_demo_data(data_root: Path) -> None:
 
 def demo_args(args: argparse.Namespace, argv_given: set[str]) -> argparse.Namespace:
     """The demo's settings, where the user did not set them."""
-    defaults = dict(dataset="pascal", loss="EM_PL", model="resnet50", tiny_models=True, epochs=4,
+    defaults = dict(dataset="pascal", loss="EM_PL", model="resnet50", tiny_models=True, epochs=8,
                     lr=1e-3, bsize=16, num_workers=0, data_root=str(Path(args.output_dir) / "demo-data"),
                     run_name="demo_" + time.strftime("%Y%m%d-%H%M%S"))
     for key, value in defaults.items():
@@ -253,8 +292,7 @@ def demo_args(args: argparse.Namespace, argv_given: set[str]) -> argparse.Namesp
 def main(args: argparse.Namespace) -> dict:
     """One training run; returns the summary dict. Raises RunError for fixable user errors."""
     if args.demo:
-        print("DEMO: tiny randomly initialised models on synthetic data. The mAP it prints shows the "
-              "pipeline works end to end; it is not a benchmark result.")
+        print(DEMO_NOTICE)
         run_demo_data(Path(args.data_root))
     try:
         config = resolve_config(args)
@@ -262,7 +300,14 @@ def main(args: argparse.Namespace) -> dict:
         setup = _setup(config)
     except (ValueError, FileNotFoundError) as error:
         raise RunError(str(error)) from error
-    return _train(config, run_dir, setup)
+    summary = _train(config, run_dir, setup)
+    if args.demo:
+        print(DEMO_NOTICE)
+    return summary
+
+
+DEMO_NOTICE = ("DEMO: tiny randomly initialised models on synthetic data. Its mAP shows that the pipeline "
+               "works end to end; it is not a benchmark result.")
 
 
 @dataclass
@@ -281,6 +326,8 @@ def _setup(config: dict) -> Setup:
                                    clip_weights=config["clip_weights"], need_teacher=needs_teacher,
                                    tiny=config["tiny_models"])
     device = select_device(config["gpu"])
+    if config["amp"] == "fp16" and device.type != "cuda":
+        raise RunError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp none")
     benchmark = datasets.load_benchmark(
         config["data_root"], config["dataset"], val_frac=config["val_frac"], split_seed=config["split_seed"],
         subsample_seed=config["subsample_seed"], train_frac=config["train_frac"], val_frac_keep=config["val_frac_keep"])
@@ -288,160 +335,273 @@ def _setup(config: dict) -> Setup:
     if needs_teacher:
         teacher = models.build_teacher(config["clip_weights"], tiny=config["tiny_models"])
     if needs_pseudo:
-        text_features = models.load_text_features(config["text_features"], benchmark.info.num_classes, teacher.embed_dim)
+        text_features = models.load_text_features(config["text_features"], benchmark.info.num_classes,
+                                                  teacher.embed_dim, dataset=config["dataset"])
     return Setup(device, benchmark, teacher, text_features)
 
 
-def _phase_dataset(split: datasets.FormattedData, image_dir: Path, config: dict, train: bool, teacher=None):
-    teacher_view = (teacher.input_size, teacher.mean, teacher.std) if teacher is not None else None
-    return datasets.MultiLabelDataset([image_dir / p for p in split.images], split.labels_obs, split.labels,
-                                      config["image_size"], train=train, teacher_view=teacher_view)
+def head_epochs(config: dict) -> int:
+    """How many of the run's first epochs train only the head on cached features."""
+    return {"end_to_end": 0, "linear_fixed_features": config["epochs"],
+            "linear_init": config["head_epochs"]}[config["train_mode"]]
+
+
+def total_epochs(config: dict) -> int:
+    return config["epochs"] + (config["head_epochs"] if config["train_mode"] == "linear_init" else 0)
+
+
+def input_normalization(backbone: str) -> tuple[tuple, tuple]:
+    """CLIP's own statistics for the CLIP tower, ImageNet's for the others."""
+    if backbone == "clip_vision":
+        return datasets.CLIP_MEAN, datasets.CLIP_STD
+    return datasets.IMAGENET_MEAN, datasets.IMAGENET_STD
+
+
+@dataclass
+class Stage:
+    """What one kind of epoch trains: the whole model on images, or the head on cached features."""
+    name: str                      # "end_to_end" or "head"
+    net: torch.nn.Module           # maps a batch's "image" entry to logits
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator     # reseeded every epoch: shuffle order and flips
+    loaders: dict                  # "train", "val", "test", "train_eval" (APL's un-augmented pass)
+
+
+class Run:
+    """One training run: the model, its label state, its stages, its checkpoints."""
+
+    def __init__(self, config: dict, run_dir: Path, setup: Setup):
+        self.config, self.run_dir, self.setup = config, run_dir, setup
+        self.device, self.benchmark, self.teacher = setup.device, setup.benchmark, setup.teacher
+        self.hp = LossHyperparams(**{k: config[k] for k in LossHyperparams.__dataclass_fields__})
+        self.online = config["pseudo_labels"] == "online" and setup.text_features is not None
+        self.num_classes = self.benchmark.info.num_classes
+        self.logger = RunLogger(run_dir, resume=config["resume"])
+        self.teacher_embeddings: np.ndarray | None = None  # raw, whole official train set
+
+        torch.manual_seed(config["seed"])
+        clip_model = self.teacher.clip_model if self.teacher is not None else None
+        self.model = models.build_model(config["model"], self.num_classes, backbone_weights=config["backbone_weights"],
+                                        clip_model=clip_model, tiny=config["tiny_models"]).to(self.device)
+        if self.device.type == "cuda" and config["model"] != "clip_vision":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config["amp"] == "fp16")
+        self.train_observed = torch.tensor(self.benchmark.train.labels_obs, dtype=torch.float32)
+        self.unobserved_at_start = (self.train_observed == 0).sum(0)
+        self.pseudo_train: torch.Tensor | None = None
+        self.pseudo_report: dict | None = None
+
+    # -- teacher and feature caches ------------------------------------------------------------
+    def official_embeddings(self, phase: str, encode, key: dict, prefix: str, image_size: int, mean, std) -> np.ndarray:
+        """``encode`` outputs for every image of the official ``phase`` ('train' or 'val'), cached.
+
+        Caching the whole official set lets one file serve every split seed and fraction."""
+        formatted = datasets.load_formatted(self.config["data_root"], self.config["dataset"], phase)
+        fingerprint = models.cache_key_hash(key, [], image_size, mean, std)[:16]
+        return models.cached_embeddings(
+            encode, key, [str(self.benchmark.image_dir / p) for p in formatted.images], image_size, mean, std,
+            Path(self.config["cache_dir"]) / f"{prefix}-{fingerprint}-{phase}.npz",
+            batch_size=max(self.config["bsize"], 32), num_workers=self.config["num_workers"], device=self.device,
+            desc=f"{prefix} {phase}", log=self.logger.log)
+
+    def teacher_cache_args(self) -> tuple:
+        teacher = self.teacher
+        teacher.to(self.device)
+        encode = lambda images: teacher.clip_model.encode_image(images).float()  # noqa: E731
+        key = {"teacher": teacher.fingerprint, "output": "image embedding before L2 normalisation"}
+        return encode, key, "teacher", teacher.input_size, teacher.mean, teacher.std
+
+    def make_pseudo_labels(self) -> None:
+        """The teacher runs once per official train image; pseudo-labels come from its cached embeddings."""
+        if self.teacher_embeddings is None:
+            self.teacher_embeddings = self.official_embeddings("train", *self.teacher_cache_args())
+        embeddings = torch.from_numpy(self.teacher_embeddings[self.benchmark.train_indices]).to(self.device)
+        pseudo, _ = models.pseudo_labels_from_embeddings(
+            torch.nn.functional.normalize(embeddings, dim=-1), self.setup.text_features.to(self.device),
+            self.config["temp"], self.config["threshold"], self.config["partial"])
+        self.pseudo_train = pseudo.cpu()
+        self.pseudo_report = models.pseudo_label_report(self.pseudo_train, self.benchmark.train.labels)
+        self.logger.log("pseudo-labels (cached teacher, vs clean train labels): "
+                        + ", ".join(f"{k} {v:.4g}" for k, v in self.pseudo_report.items()))
+
+    def backbone_features(self) -> dict[str, np.ndarray]:
+        """Frozen backbone features of the train / val / test images (eval transform, cached).
+
+        For clip_vision at the teacher's input size these are the teacher's own embeddings
+        (the backbone starts as a copy of its tower), so one cached pass feeds both."""
+        config, bench = self.config, self.benchmark
+        if config["model"] == "clip_vision" and config["image_size"] == self.teacher.input_size:
+            args = self.teacher_cache_args()
+        else:
+            self.model.eval()
+            mean, std = input_normalization(config["model"])
+            key = {"backbone": config["model"], "weights": models.weights_fingerprint(self.model.backbone),
+                   "output": "pooled features"}
+            args = (self.model.features, key, config["model"], config["image_size"], mean, std)
+        official_train = self.official_embeddings("train", *args)
+        official_val = self.official_embeddings("val", *args)
+        return {"train": official_train[bench.train_indices], "val": official_train[bench.val_indices],
+                "test": official_val}
+
+    # -- stages ----------------------------------------------------------------------------------
+    def build_stage(self, name: str) -> Stage:
+        config, bench = self.config, self.benchmark
+        splits = {"train": bench.train, "val": bench.val, "test": bench.test}
+        if name == "head":
+            features = self.backbone_features()
+            phase_sets = {phase: datasets.FeatureDataset(features[phase], split.labels_obs, split.labels)
+                          for phase, split in splits.items()}
+            phase_sets["train_eval"] = phase_sets["train"]
+            net, lr, eval_batch = self.model.head, config["head_lr"], max(config["bsize"], 1024)
+        else:
+            mean, std = input_normalization(config["model"])
+            teacher_view = (self.teacher.input_size, self.teacher.mean, self.teacher.std) if self.online else None
+
+            def image_set(split, train: bool, view=None):
+                return datasets.MultiLabelDataset([bench.image_dir / p for p in split.images], split.labels_obs,
+                                                  split.labels, config["image_size"], train=train, mean=mean,
+                                                  std=std, teacher_view=view)
+            phase_sets = {"train": image_set(bench.train, True, teacher_view), "val": image_set(bench.val, False),
+                          "test": image_set(bench.test, False)}
+            if config["loss"] == "EM_APL":
+                phase_sets["train_eval"] = image_set(bench.train, False)
+            net, lr, eval_batch = self.model, config["lr"], config["bsize"]
+        generator = torch.Generator()
+        loaders = {phase: make_loader(ds, eval_batch, config["num_workers"]) for phase, ds in phase_sets.items()}
+        loaders["train"] = make_loader(phase_sets["train"], config["bsize"], config["num_workers"],
+                                       sampler=datasets.AugmentationSampler(len(phase_sets["train"]), generator))
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        return Stage(name, net, optimizer, generator, loaders)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_last(self, epoch: int, stage: Stage | None) -> None:
+        atomic_torch_save(self.run_dir / "last.pt", dict(
+            model=self.model.state_dict(), epoch=epoch, train_observed=self.train_observed,
+            logger=self.logger.state_dict(), config=self.config, scaler=self.scaler.state_dict(),
+            stage=stage.name if stage else None, optimizer=stage.optimizer.state_dict() if stage else None))
+
+    def save_best(self, epoch: int, val_map: float) -> None:
+        atomic_torch_save(self.run_dir / "best.pt", dict(model=self.model.state_dict(), epoch=epoch,
+                                                         val_map=val_map, config=self.config))
+
+    def restore(self) -> tuple[int, dict]:
+        state = torch.load(self.run_dir / "last.pt", map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.train_observed = state["train_observed"]
+        self.logger.load_state_dict(state["logger"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.logger.log(f"resumed from {self.run_dir / 'last.pt'} after epoch {state['epoch']}")
+        return state["epoch"], state
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> dict:
+        config, logger = self.config, self.logger
+        if not config["resume"]:
+            atomic_write_json(self.run_dir / "config.json", config)
+        bench = self.benchmark
+        logger.log(f"run folder: {self.run_dir}")
+        logger.log(f"dataset {config['dataset']}: train {len(bench.train.images)}, val {len(bench.val.images)}, "
+                   f"test {len(bench.test.images)} images, {self.num_classes} classes; device {self.device}; "
+                   f"train mode {config['train_mode']}")
+        if self.setup.text_features is not None:
+            self.make_pseudo_labels()
+        if self.teacher is not None and not self.online:
+            self.teacher.cpu()  # its work is cached: free the accelerator's memory for training
+
+        last_epoch, saved = self.restore() if config["resume"] else (0, None)
+        if saved is None:
+            self.save_last(0, None)
+        stage: Stage | None = None
+        epoch = last_epoch + 1
+        try:
+            for epoch in range(last_epoch + 1, total_epochs(config) + 1):
+                name = "head" if epoch <= head_epochs(config) else "end_to_end"
+                if stage is None or stage.name != name:
+                    if name == "end_to_end" and epoch == head_epochs(config) + 1 and epoch > 1:
+                        best = torch.load(self.run_dir / "best.pt", map_location="cpu", weights_only=True)
+                        self.model.load_state_dict(best["model"])
+                        logger.log(f"fine-tuning end to end from the best head (epoch {best['epoch']})")
+                    stage = self.build_stage(name)
+                    if saved is not None and saved["stage"] == name:
+                        stage.optimizer.load_state_dict(saved["optimizer"])
+                self.run_epoch(epoch, stage)
+                self.save_last(epoch, stage)
+        except KeyboardInterrupt:
+            logger.log(f"interrupted during epoch {epoch}; {self.run_dir / 'last.pt'} holds the state after epoch {epoch - 1}.")
+            logger.log("resume with: " + resume_command(config))
+            logger.close()
+            raise
+        summary = logger.finish(config, extra={"pseudo_labels": self.pseudo_report, "train_mode": config["train_mode"]})
+        logger.close()
+        return summary
+
+    def run_epoch(self, epoch: int, stage: Stage) -> None:
+        config, logger = self.config, self.logger
+        # Every epoch's randomness derives from (seed, epoch), so a resumed run repeats it exactly.
+        epoch_seed = config["seed"] * 100_003 + epoch
+        torch.manual_seed(epoch_seed)
+        stage.generator.manual_seed(epoch_seed)
+        what = "head on cached features" if stage.name == "head" else "end to end"
+        logger.log(f"Epoch {epoch}/{total_epochs(config)} ({what})")
+        self.train_phase(epoch, stage)
+        val = evaluate("val", epoch, stage.net, stage.loaders["val"], self.device, logger, config["amp"])
+        val_map = val["clean" if config["val_labels"] == "clean" else "observed"]["map"]
+        new_best = logger.update_best(epoch, val_map)
+        if new_best:
+            self.save_best(epoch, val_map)
+        if new_best or config["test_every_epoch"]:
+            test = evaluate("test", epoch, stage.net, stage.loaders["test"], self.device, logger, config["amp"])
+            if new_best:
+                logger.set_best_test(test)
+        if config["loss"] == "EM_APL" and epoch >= config["warmup_epoch"]:
+            scores, indices = predict(stage.net, stage.loaders["train_eval"], self.device, f"epoch {epoch} APL", config["amp"])
+            ordered = torch.empty(len(indices), self.num_classes)
+            ordered[torch.from_numpy(indices)] = torch.from_numpy(scores)
+            apl_update(self.train_observed, ordered, self.unobserved_at_start, config["neg_proportion"],
+                       config["epochs"] - config["warmup_epoch"])
+
+    def train_phase(self, epoch: int, stage: Stage) -> None:
+        config, device, logger = self.config, self.device, self.logger
+        loader = stage.loaders["train"]
+        stage.net.train()
+        if stage.name == "head":
+            self.model.backbone.eval()
+        logger.begin_phase("train", epoch, len(loader.dataset), self.num_classes)
+        amp_context = autocast(config["amp"], device)
+        channels_last = device.type == "cuda" and stage.name == "end_to_end" and config["model"] != "clip_vision"
+        running, seen = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch} train", mininterval=3.0, dynamic_ncols=True)
+        for batch_number, batch in enumerate(bar, start=1):
+            index = torch.as_tensor(batch["index"])
+            inputs = batch["image"].to(device, non_blocking=True)
+            if channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            observed = self.train_observed[index].to(device)
+            pseudo = self.pseudo_train[index].to(device) if self.pseudo_train is not None else None
+            if self.online:
+                embeddings = self.teacher.embed(batch["teacher_image"].to(device, non_blocking=True))
+                pseudo, _ = models.pseudo_labels_from_embeddings(embeddings, self.setup.text_features.to(device),
+                                                                 config["temp"], config["threshold"], config["partial"])
+            true = batch["clean"].to(device, non_blocking=True)
+
+            def loss_of(preds):
+                return losses.compute_loss(config["loss"], preds, observed, self.hp, epoch=epoch, pseudo=pseudo, true=true)
+            try:
+                preds, loss = train_step(stage.net, stage.optimizer, self.scaler, inputs, loss_of, amp_context)
+            except FloatingPointError as error:
+                raise RunError(f"{error} at epoch {epoch}, batch {batch_number}; "
+                               f"last.pt keeps the state after epoch {epoch - 1}") from error
+            loss_value = loss.item()
+            running += loss_value * len(index)
+            seen += len(index)
+            bar.set_postfix(loss=f"{running / seen:.4f}", refresh=False)
+            logger.record_batch(index, preds.detach(), batch["clean"], batch["observed"], loss_value)
+        logger.end_phase()
 
 
 def _train(config: dict, run_dir: Path, setup: Setup) -> dict:
-    device, benchmark, teacher = setup.device, setup.benchmark, setup.teacher
-    num_classes = benchmark.info.num_classes
-    hp = LossHyperparams(**{k: config[k] for k in LossHyperparams.__dataclass_fields__})
-    online = config["pseudo_labels"] == "online" and setup.text_features is not None
-
     run_dir.mkdir(parents=True, exist_ok=True)
-    logger = RunLogger(run_dir, resume=config["resume"])
-    if not config["resume"]:
-        atomic_write_json(run_dir / "config.json", config)
-    logger.log(f"run folder: {run_dir}")
-    logger.log(f"dataset {config['dataset']}: train {len(benchmark.train.images)}, val {len(benchmark.val.images)}, "
-               f"test {len(benchmark.test.images)} images, {num_classes} classes; device {device}")
-
-    train_set = _phase_dataset(benchmark.train, benchmark.image_dir, config, train=True, teacher=teacher if online else None)
-    val_set = _phase_dataset(benchmark.val, benchmark.image_dir, config, train=False)
-    test_set = _phase_dataset(benchmark.test, benchmark.image_dir, config, train=False)
-    eval_loader = lambda ds: make_loader(ds, config["bsize"], False, config["num_workers"])  # noqa: E731
-    val_loader, test_loader = eval_loader(val_set), eval_loader(test_set)
-
-    pseudo_train, report = None, None
-    text_features = setup.text_features.to(device) if setup.text_features is not None else None
-    if text_features is not None:
-        embeddings = teacher_train_embeddings(config, benchmark, teacher, device)
-        pseudo_train, _ = models.pseudo_labels_from_embeddings(
-            torch.from_numpy(embeddings).to(device), text_features, config["temp"], config["threshold"], config["partial"])
-        pseudo_train = pseudo_train.cpu()
-        report = models.pseudo_label_report(pseudo_train, benchmark.train.labels)
-        logger.log("pseudo-labels (cached teacher, vs clean train labels): " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
-        if teacher is not None and online:
-            teacher.to(device)
-
-    torch.manual_seed(config["seed"])
-    model = models.build_model(config["model"], num_classes, backbone_weights=config["backbone_weights"],
-                               clip_model=teacher.clip_model if teacher is not None else None,
-                               tiny=config["tiny_models"]).to(device)
-    if teacher is not None and not online:
-        teacher.cpu()  # its work is cached; free the accelerator's memory for training
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    train_observed = torch.tensor(benchmark.train.labels_obs, dtype=torch.float32)
-    unobserved_at_start = (train_observed == 0).sum(0)
-    start_epoch = 1
-    if config["resume"]:
-        state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        train_observed = state["train_observed"]
-        logger.load_state_dict(state["logger"])
-        start_epoch = state["epoch"] + 1
-        logger.log(f"resumed from {run_dir / 'last.pt'} after epoch {state['epoch']}")
-
-    def save_last(epoch: int) -> None:
-        atomic_torch_save(run_dir / "last.pt", dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                                    epoch=epoch, train_observed=train_observed,
-                                                    logger=logger.state_dict(), config=config))
-
-    if not (run_dir / "last.pt").exists():
-        save_last(0)
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch, config["epochs"] + 1):
-            # Every epoch's randomness derives from (seed, epoch), so a resumed run repeats it exactly.
-            epoch_seed = config["seed"] * 100_003 + epoch
-            torch.manual_seed(epoch_seed)
-            logger.log(f"Epoch {epoch}/{config['epochs']}")
-            train_loader = make_loader(train_set, config["bsize"], True, config["num_workers"], seed=epoch_seed)
-            train_one_epoch(epoch, model, optimizer, train_loader, train_observed, pseudo_train, teacher if online else None,
-                            text_features, config, hp, device, logger)
-            val_result = evaluate("val", epoch, model, val_loader, device, logger)
-            val_map = val_result["clean" if config["val_labels"] == "clean" else "observed"]["map"]
-            new_best = logger.update_best(epoch, val_map)
-            if new_best:
-                atomic_torch_save(run_dir / "best.pt", dict(model=model.state_dict(), epoch=epoch, val_map=val_map, config=config))
-            if new_best or config["test_every_epoch"]:
-                test_result = evaluate("test", epoch, model, test_loader, device, logger)
-                if new_best:
-                    logger.set_best_test(test_result)
-            if config["loss"] == "EM_APL" and epoch >= config["warmup_epoch"]:
-                train_eval_loader = make_loader(_phase_dataset(benchmark.train, benchmark.image_dir, config, train=False),
-                                                config["bsize"], False, config["num_workers"])
-                scores, indices = predict(model, train_eval_loader, device, desc=f"epoch {epoch} APL")
-                ordered = torch.empty(len(indices), num_classes)
-                ordered[torch.from_numpy(indices)] = torch.from_numpy(scores)
-                apl_update(train_observed, ordered, unobserved_at_start, config["neg_proportion"],
-                           config["epochs"] - config["warmup_epoch"])
-            save_last(epoch)
-    except KeyboardInterrupt:
-        logger.log(f"interrupted during epoch {epoch}; {run_dir / 'last.pt'} holds the state after epoch {epoch - 1}.")
-        logger.log("resume with: " + resume_command(config))
-        logger.close()
-        raise
-    summary = logger.finish(config, extra={"pseudo_labels": report})
-    logger.close()
-    return summary
-
-
-def teacher_train_embeddings(config: dict, benchmark: datasets.BenchmarkSplits, teacher: models.Teacher,
-                             device: torch.device) -> np.ndarray:
-    """The teacher's embeddings of the train split's images, computed once and cached.
-
-    The cache covers the whole official train set, so the same file serves every split seed.
-    """
-    all_train = datasets.load_formatted(config["data_root"], config["dataset"], "train")
-    cache_file = Path(config["cache_dir"]) / f"teacher-{teacher.fingerprint[:16]}-train.npz"
-    teacher.to(device)
-    embeddings = models.cached_embeddings(
-        teacher.embed, {"teacher": teacher.fingerprint}, [str(benchmark.image_dir / p) for p in all_train.images],
-        teacher.input_size, teacher.mean, teacher.std, cache_file, batch_size=max(config["bsize"], 32),
-        num_workers=config["num_workers"], device=device, desc="teacher embeddings")
-    return embeddings[benchmark.train_indices]
-
-
-def train_one_epoch(epoch, model, optimizer, loader, train_observed, pseudo_train, online_teacher, text_features,
-                    config, hp, device, logger) -> None:
-    model.train()
-    dataset = loader.dataset
-    logger.begin_phase("train", epoch, len(dataset), dataset.clean.shape[1])
-    running, seen = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch} train", mininterval=3.0, dynamic_ncols=True)
-    for batch_number, batch in enumerate(bar, start=1):
-        index = batch["index"]
-        images = batch["image"].to(device, non_blocking=True)
-        observed = train_observed[index].to(device)
-        true = batch["clean"].to(device)
-        pseudo = None
-        if online_teacher is not None:
-            embeddings = online_teacher.embed(batch["teacher_image"].to(device))
-            pseudo, _ = models.pseudo_labels_from_embeddings(embeddings, text_features, config["temp"],
-                                                             config["threshold"], config["partial"])
-        elif pseudo_train is not None:
-            pseudo = pseudo_train[index].to(device)
-        preds = torch.sigmoid(model(images))
-        loss = losses.compute_loss(config["loss"], preds, observed, hp, epoch=epoch, pseudo=pseudo, true=true)
-        if not torch.isfinite(loss):
-            raise RunError(f"non-finite loss ({loss.item()}) at epoch {epoch}, batch {batch_number}; "
-                           f"last.pt keeps the state after epoch {epoch - 1}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running += loss.item() * len(index)
-        seen += len(index)
-        bar.set_postfix(loss=f"{running / seen:.4f}", refresh=False)
-        logger.record_batch(index, preds.detach(), batch["clean"], batch["observed"], loss.item())
-    logger.end_phase()
+    return Run(config, run_dir, setup).train()
 
 
 def resume_command(config: dict) -> str:

@@ -76,8 +76,9 @@ def test_training_learns_on_demo_data(demo_root, tmp_path):
     bench = datasets.load_benchmark(demo_root, "pascal")
     torch.manual_seed(config["seed"])
     untrained = models.build_model(config["model"], 20, tiny=True)
-    test_set = main_clip._phase_dataset(bench.test, bench.image_dir, config, train=False)
-    scores, indices = main_clip.predict(untrained, main_clip.make_loader(test_set, 32, False, 0), "cpu", "untrained")
+    test_set = datasets.MultiLabelDataset([bench.image_dir / p for p in bench.test.images], bench.test.labels_obs,
+                                          bench.test.labels, config["image_size"], train=False)
+    scores, indices = main_clip.predict(untrained, main_clip.make_loader(test_set, 32, 0), "cpu", "untrained")
     untrained_map = metrics.compute_metrics(scores, bench.test.labels[indices])["map"]
     assert summary["best_test_map"] >= untrained_map + 15, (summary["best_test_map"], untrained_map)
 
@@ -108,7 +109,7 @@ def test_cached_and_online_pseudo_labels_agree_on_unflipped_images(demo_root, tm
     cached_q, _ = models.pseudo_labels_from_embeddings(torch.from_numpy(cached), text, 0.01, 0.3, 0.1)
     online_set = datasets.MultiLabelDataset(paths, bench.train.labels_obs[:24], bench.train.labels[:24], 32, train=False,
                                             teacher_view=(teacher.input_size, teacher.mean, teacher.std))
-    batch = next(iter(main_clip.make_loader(online_set, 24, False, 0)))
+    batch = next(iter(main_clip.make_loader(online_set, 24, 0)))
     online_q, _ = models.pseudo_labels_from_embeddings(teacher.embed(batch["teacher_image"]), text, 0.01, 0.3, 0.1)
     assert torch.equal(cached_q, online_q)
     assert (cached_q == 1).any() and (cached_q == -1).any()

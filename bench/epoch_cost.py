@@ -1,0 +1,310 @@
+"""Benchmark: cost of one training epoch, the original design against ours (issue 6).
+
+Run from the repository root (CPU; several minutes on 2 cores with the defaults):
+    python bench/epoch_cost.py [--num-train 16 --num-val 8 --num-test 8 --batch-size 8 --epochs 1]
+
+The real architectures at random init (``pretrained=False``: nothing is read or downloaded):
+the trainable backbone (``-m``, default torchvision ResNet-50 at 448 px) and the frozen teacher
+(open_clip ViT-L-14-336-quickgelu at 336 px), on a small synthetic dataset made by the demo chain
+(``preproc/make_demo_data`` -> ``format_pascal`` -> ``generate_observed_labels``) in a temporary
+folder, with the EM_PL loss and pascal's hyperparameters. Both designs run through main_clip's own
+``Run`` (same model init, same loaders, same train step, same logger):
+
+(a) original design: the teacher runs on every train batch (``--pseudo-labels online``: the
+    pseudo-labels are recomputed on the augmented batch) and also on every val and test batch
+    (made and discarded, as the original did); the test phase runs every epoch.
+(b) ours: the teacher runs once per official train image before training (main_clip's cached
+    embeddings, timed as the one-time cache cost); per epoch a train and a val phase without
+    the teacher; the test phase only when val mAP improves (epoch 1 always does, so the
+    measured epoch includes it).
+
+Printed: seconds per epoch and phase for each design, the per-epoch ratio with and without
+our test phase, the one-time cache cost, projected totals over ``--project-epochs`` epochs
+(ours under an assumed number of new-best epochs, ``--test-epochs``, and in the worst case
+where every epoch is a new best), and a linear extrapolation to VOC 2012's split sizes.
+Saving best.pt / last.pt is left out of both (the same in both designs).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+import datasets  # noqa: E402
+import main_clip  # noqa: E402
+import models  # noqa: E402
+from preproc import format_pascal, generate_observed_labels, make_demo_data  # noqa: E402
+
+DATASET = "pascal"
+LOSS = "EM_PL"
+# VOC 2012 sizes: official train 5717 images split 80/20 (seed 1200) into train and val; the
+# official val set (5823 images) is the test set.
+VOC_SIZES = {"train": 4574, "val": 1143, "test": 5823}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Epoch cost: original design (teacher on every batch, test every "
+                                            "epoch) vs ours (cached teacher, test on a new best).")
+    p.add_argument("--num-train", type=int, default=16, help="train images")
+    p.add_argument("--num-val", type=int, default=8, help="val images (held out of the official train set)")
+    p.add_argument("--num-test", type=int, default=8, help="test images (the official val set)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size of every phase (the method's is 8)")
+    p.add_argument("--epochs", type=int, default=1, help="measured epochs per design (per-epoch figures are means)")
+    p.add_argument("--project-epochs", type=int, default=10, help="epochs of the projected run totals")
+    p.add_argument("--test-epochs", type=int, default=5,
+                   help="assumed number of those epochs with a new best val mAP (ours tests only then)")
+    p.add_argument("-m", "--model", default="resnet50", choices=models.BACKBONES, help="trainable backbone")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers (0: load in the main process)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--image-px", type=int, default=500, help="side of the synthetic JPEGs (VOC images are ~500 px)")
+    p.add_argument("--tiny", action="store_true", help="tiny random models instead of the real ones (smoke test)")
+    p.add_argument("--work-dir", default=None, help="folder for the data and run files (default: a temporary one)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("num_train", "num_val", "num_test", "batch_size", "epochs", "project_epochs"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if args.num_train + args.num_val < 5:
+        raise SystemExit("error: --num-train + --num-val must be at least 5 (the demo data's minimum)")
+    if not 0 <= args.test_epochs <= args.project_epochs:
+        raise SystemExit("error: --test-epochs must lie in [0, --project-epochs]")
+
+
+def make_data(root: Path, args: argparse.Namespace) -> float:
+    """The demo chain into ``root``/pascal; returns the val fraction that holds out --num-val images."""
+    folder = root / DATASET
+    make_demo_data.make_demo_data(folder, num_train=args.num_train + args.num_val, num_val=args.num_test,
+                                  image_size=args.image_px)
+    format_pascal.format_pascal(folder, folder)
+    generate_observed_labels.generate(root, DATASET)
+    return args.num_val / (args.num_train + args.num_val)
+
+
+def run_config(args: argparse.Namespace, root: Path, val_frac: float, design: str, weights: Path | None) -> dict:
+    """main_clip's resolved configuration for one design."""
+    argv = ["-d", DATASET, "-l", LOSS, "-m", args.model, "--data-root", str(root / "data"),
+            "--output-dir", str(root / "results"), "--run-name", design, "--epochs", str(args.project_epochs),
+            "--bsize", str(args.batch_size), "--num-workers", str(args.num_workers), "--val-frac", repr(val_frac),
+            "--cache-dir", str(root / "cache")]
+    if weights is not None:
+        argv += ["--backbone-weights", str(weights)]
+    if args.tiny:
+        argv += ["--tiny-models"]
+    if design == "original":
+        argv += ["--pseudo-labels", "online", "--test-every-epoch"]
+    return main_clip.resolve_config(main_clip.get_args_parser().parse_args(argv))
+
+
+def random_backbone_file(model: str, num_classes: int, path: Path) -> Path | None:
+    """The random-init backbone written as a --backbone-weights file, so main_clip builds the real
+    architecture without a download (None for clip_vision, which copies the teacher's tower)."""
+    if model == "clip_vision":
+        return None
+    torch.manual_seed(0)
+    torch.save(models.build_model(model, num_classes, pretrained=False).backbone.state_dict(), path)
+    return path
+
+
+@torch.no_grad()
+def evaluate_with_teacher(phase: str, epoch: int, run: main_clip.Run, stage: main_clip.Stage, loader) -> dict:
+    """main_clip.evaluate plus what the original did on val and test batches: the teacher embeds the
+    batch and pseudo-labels are made from it (and not used)."""
+    config, device, logger = run.config, run.device, run.logger
+    text_features = run.setup.text_features.to(device)
+    stage.net.eval()
+    logger.begin_phase(phase, epoch, len(loader.dataset), run.num_classes)
+    for batch in loader:
+        embeddings = run.teacher.embed(batch["teacher_image"].to(device, non_blocking=True))
+        models.pseudo_labels_from_embeddings(embeddings, text_features, config["temp"], config["threshold"],
+                                             config["partial"])
+        with main_clip.autocast(config["amp"], device):
+            logits = stage.net(batch["image"].to(device, non_blocking=True))
+        logger.record_batch(batch["index"], torch.sigmoid(logits.float()).cpu(), batch["clean"], batch["observed"])
+    return logger.end_phase()
+
+
+def teacher_view_loaders(run: main_clip.Run) -> dict:
+    """Val and test loaders whose items also carry the teacher's view (original design)."""
+    config, bench = run.config, run.benchmark
+    mean, std = main_clip.input_normalization(config["model"])
+    view = (run.teacher.input_size, run.teacher.mean, run.teacher.std)
+    loaders = {}
+    for phase, split in (("val", bench.val), ("test", bench.test)):
+        dataset = datasets.MultiLabelDataset([bench.image_dir / p for p in split.images], split.labels_obs,
+                                             split.labels, config["image_size"], train=False, mean=mean, std=std,
+                                             teacher_view=view)
+        loaders[phase] = main_clip.make_loader(dataset, config["bsize"], config["num_workers"])
+    return loaders
+
+
+def timed_epochs(run: main_clip.Run, design: str, epochs: int) -> dict:
+    """Seconds per phase of each epoch, following Run.run_epoch (checkpoint writes left out)."""
+    stage = run.build_stage("end_to_end")
+    original = design == "original"
+    eval_loaders = teacher_view_loaders(run) if original else stage.loaders
+    times = {"train": [], "val": [], "test": []}
+    for epoch in range(1, epochs + 1):
+        epoch_seed = run.config["seed"] * 100_003 + epoch
+        torch.manual_seed(epoch_seed)
+        stage.generator.manual_seed(epoch_seed)
+        start = time.perf_counter()
+        run.train_phase(epoch, stage)
+        times["train"].append(time.perf_counter() - start)
+
+        def phase(name: str) -> dict:
+            start = time.perf_counter()
+            if original:
+                result = evaluate_with_teacher(name, epoch, run, stage, eval_loaders[name])
+            else:
+                result = main_clip.evaluate(name, epoch, stage.net, eval_loaders[name], run.device, run.logger,
+                                            run.config["amp"])
+            times[name].append(time.perf_counter() - start)
+            return result
+
+        val = phase("val")
+        new_best = run.logger.update_best(epoch, val["clean"]["map"])
+        if new_best or run.config["test_every_epoch"]:
+            test = phase("test")
+            if new_best:
+                run.logger.set_best_test(test)
+    return times
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def warm_up(teacher: models.Teacher, model: str, tiny: bool, num_classes: int, batch: int) -> None:
+    """One untimed teacher forward and one student forward/backward, so neither design pays for
+    first-call allocations."""
+    teacher.embed(torch.zeros(1, 3, teacher.input_size, teacher.input_size))
+    student = models.build_model(model, num_classes, tiny=tiny, pretrained=False,
+                                 clip_model=teacher.clip_model if model == "clip_vision" else None)
+    size = student.input_size
+    student(torch.zeros(min(batch, 2), 3, size, size)).sum().backward()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="epoch_cost-") as temporary:
+        root = Path(args.work_dir or temporary)
+        return _run(args, root)
+
+
+def _run(args: argparse.Namespace, root: Path) -> dict:
+    device = torch.device("cpu")
+    load_at_start = os.getloadavg()[0]
+    val_frac = make_data(root / "data", args)
+    benchmark = datasets.load_benchmark(root / "data", DATASET, val_frac=val_frac)
+    num_classes = benchmark.info.num_classes
+    sizes = {"train": len(benchmark.train), "val": len(benchmark.val), "test": len(benchmark.test)}
+
+    start = time.perf_counter()
+    teacher = models.build_teacher(tiny=args.tiny, pretrained=False)
+    build_s = time.perf_counter() - start
+    text_features = torch.nn.functional.normalize(
+        torch.randn(num_classes, teacher.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    setup = main_clip.Setup(device, benchmark, teacher, text_features)
+    weights = None if args.tiny else random_backbone_file(args.model, num_classes, root / "backbone-random.pth")
+    warm_up(teacher, args.model, args.tiny, num_classes, args.batch_size)
+
+    runs = {}
+    for design in ("ours", "original"):
+        config = run_config(args, root, val_frac, design, weights)
+        runs[design] = main_clip.Run(config, root / "results" / design, setup)
+        runs[design].logger.echo = False  # this script prints its own table
+
+    # (b) ours: the one-time cache pass, then the epochs.
+    ours = runs["ours"]
+    start = time.perf_counter()
+    ours.make_pseudo_labels()
+    cache_s = time.perf_counter() - start
+    cached_images = len(ours.teacher_embeddings)
+    times = {"ours": timed_epochs(ours, "ours", args.epochs)}
+    # (a) the original design.
+    times["original"] = timed_epochs(runs["original"], "original", args.epochs)
+
+    per_epoch = {d: {p: mean(t[p]) for p in ("train", "val", "test")} for d, t in times.items()}
+    orig = per_epoch["original"]
+    orig_epoch = orig["train"] + orig["val"] + orig["test"]
+    ours_p = per_epoch["ours"]
+    ours_no_test = ours_p["train"] + ours_p["val"]
+    ours_with_test = ours_no_test + ours_p["test"]
+    n, t = args.project_epochs, args.test_epochs
+    totals = {"original": n * orig_epoch,
+              "ours_assumed": cache_s + n * ours_no_test + t * ours_p["test"],
+              "ours_worst": cache_s + n * ours_with_test}
+
+    input_size = models.input_size(args.model, tiny=args.tiny)
+    lines = [
+        f"epoch cost on the CPU ({torch.get_num_threads()} threads, torch {torch.__version__}), random init, "
+        f"nothing loaded{' [TINY MODELS: smoke test only]' if args.tiny else ''}",
+        f"  student -m {args.model} at {input_size} px; teacher "
+        f"{'tiny CLIP' if args.tiny else models.CLIP_MODEL_NAME} at {teacher.input_size} px "
+        f"(built in {build_s:.1f} s); loss {LOSS}",
+        f"  data: {sizes['train']} train / {sizes['val']} val / {sizes['test']} test synthetic {args.image_px} px "
+        f"JPEGs, batch {args.batch_size}, num_workers {args.num_workers}, {args.epochs} measured epoch(s) per design",
+        "",
+        f"seconds per epoch                        {'train':>8} {'val':>8} {'test':>8} {'epoch':>8}",
+        f"(a) original: teacher on every batch,    {orig['train']:8.1f} {orig['val']:8.1f} {orig['test']:8.1f} "
+        f"{orig_epoch:8.1f}",
+        "    test every epoch",
+        f"(b) ours: cached teacher,                {ours_p['train']:8.1f} {ours_p['val']:8.1f} {ours_p['test']:8.1f} "
+        f"{ours_with_test:8.1f}   (epoch with a test)",
+        f"    test only on a new best              {ours_p['train']:8.1f} {ours_p['val']:8.1f} {'-':>8} "
+        f"{ours_no_test:8.1f}   (epoch without)",
+        f"(b) one-time teacher cache: {cache_s:.1f} s for {cached_images} images (the whole official train set = "
+        f"train + val; {cache_s / cached_images:.2f} s/image)",
+        "",
+        f"per-epoch speed-up (a)/(b): {orig_epoch / ours_no_test:.1f}x on an epoch without a test, "
+        f"{orig_epoch / ours_with_test:.1f}x on an epoch with one (worst case)",
+        f"projected {n}-epoch totals (s):",
+        f"  (a) original:  {n} x {orig_epoch:.1f} = {totals['original']:.1f}",
+        f"  (b) ours, assuming {t} of {n} epochs are a new best (test): {cache_s:.1f} + {n} x {ours_no_test:.1f} + "
+        f"{t} x {ours_p['test']:.1f} = {totals['ours_assumed']:.1f}  "
+        f"({totals['original'] / totals['ours_assumed']:.1f}x faster)",
+        f"  (b) ours, worst case (every epoch a new best): {cache_s:.1f} + {n} x {ours_with_test:.1f} = "
+        f"{totals['ours_worst']:.1f}  ({totals['original'] / totals['ours_worst']:.1f}x faster)",
+    ]
+    # Linear extrapolation of the per-image costs to VOC 2012's split sizes.
+    per_image = {d: {p: per_epoch[d][p] / sizes[p] for p in sizes} for d in per_epoch}
+    voc_orig = sum(per_image["original"][p] * VOC_SIZES[p] for p in VOC_SIZES)
+    voc_ours = sum(per_image["ours"][p] * VOC_SIZES[p] for p in ("train", "val"))
+    voc_test = per_image["ours"]["test"] * VOC_SIZES["test"]
+    voc_cache = cache_s / cached_images * (VOC_SIZES["train"] + VOC_SIZES["val"])
+    lines += [
+        f"linear extrapolation to VOC 2012 ({VOC_SIZES['train']} / {VOC_SIZES['val']} / {VOC_SIZES['test']} images) "
+        f"on this machine, hours:",
+        f"  per epoch: (a) {voc_orig / 3600:.1f}; (b) {voc_ours / 3600:.1f} without a test, "
+        f"{(voc_ours + voc_test) / 3600:.1f} with one -> {voc_orig / voc_ours:.1f}x / "
+        f"{voc_orig / (voc_ours + voc_test):.1f}x",
+        f"  {n} epochs: (a) {n * voc_orig / 3600:.1f}; (b) cache {voc_cache / 3600:.1f} + epochs: "
+        f"{(voc_cache + n * voc_ours + t * voc_test) / 3600:.1f} ({t} tests), "
+        f"{(voc_cache + n * (voc_ours + voc_test)) / 3600:.1f} (worst case)",
+    ]
+    speedup = orig_epoch / ours_with_test
+    lines.append(f"1-minute load average at start / end: {load_at_start:.1f} / {os.getloadavg()[0]:.1f} on "
+                 f"{os.cpu_count()} cores (other processes share the CPU when it is above the thread count)")
+    lines.append(f"acceptance (ours >= 4x faster per epoch, worst-case epoch with a test): "
+                 f"{'PASS' if speedup >= 4 else 'FAIL'} ({speedup:.1f}x)")
+    print("\n".join(lines), flush=True)
+    return {"per_epoch": per_epoch, "cache_s": cache_s, "cached_images": cached_images, "totals": totals,
+            "speedup_worst": speedup, "speedup_no_test": orig_epoch / ours_no_test, "sizes": sizes}
+
+
+if __name__ == "__main__":
+    main()
