@@ -1,0 +1,178 @@
+"""Frozen-feature training modes, their feature cache, and mixed precision."""
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+import datasets
+import main_clip
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo-data")
+    main_clip.run_demo_data(root)
+    return root
+
+
+def args_for(demo_root, out, *extra):
+    argv = ["-d", "pascal", "--data-root", str(demo_root), "--output-dir", str(out), "--tiny-models",
+            "--num-workers", "0", "--epochs", "2", "--lr", "1e-3", "--bsize", "16", "-l", "an", *extra]
+    return main_clip.get_args_parser().parse_args(argv)
+
+
+def make_run(demo_root, out, *extra) -> main_clip.Run:
+    config = main_clip.resolve_config(args_for(demo_root, out, *extra))
+    run_dir = main_clip.prepare_run_dir(config)
+    run_dir.mkdir(parents=True)
+    return main_clip.Run(config, run_dir, main_clip._setup(config))
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "clip_vision"])
+def test_frozen_features_give_the_end_to_end_head_outputs(demo_root, tmp_path, backbone):
+    run = make_run(demo_root, tmp_path, "-m", backbone, "--train-mode", "linear_fixed_features",
+                   "--cache-dir", str(tmp_path / "cache"))
+    features = run.backbone_features()
+    bench = run.benchmark
+    mean, std = main_clip.input_normalization(backbone)
+    images = datasets.MultiLabelDataset([bench.image_dir / p for p in bench.val.images[:12]], bench.val.labels_obs[:12],
+                                        bench.val.labels[:12], run.config["image_size"], train=False, mean=mean, std=std)
+    batch = next(iter(main_clip.make_loader(images, 12, 0)))
+    run.model.eval()
+    with torch.no_grad():
+        end_to_end = run.model(batch["image"])
+        from_cache = run.model.head(torch.from_numpy(features["val"][:12]))
+    torch.testing.assert_close(from_cache, end_to_end, rtol=1e-4, atol=1e-5)
+    assert features["train"].shape == (len(bench.train.images), run.model.feature_dim)
+    assert features["test"].shape[0] == len(bench.test.images)
+
+
+def test_clip_vision_features_reuse_the_teacher_cache(demo_root, tmp_path):
+    cache = tmp_path / "cache"
+    run = make_run(demo_root, tmp_path, "-m", "clip_vision", "-l", "EM_PL", "--train-mode", "linear_fixed_features",
+                   "--cache-dir", str(cache))
+    run.make_pseudo_labels()
+    teacher_files = sorted(p.name for p in cache.iterdir())
+    run.backbone_features()
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(teacher_files) == 1 and teacher_files[0].startswith("teacher-") and teacher_files[0].endswith("-train.npz")
+    assert files == sorted(teacher_files + [teacher_files[0].replace("-train.npz", "-val.npz")])
+
+
+def test_feature_cache_hits_misses_and_rebuilds(demo_root, tmp_path):
+    cache = tmp_path / "cache"
+    run = make_run(demo_root, tmp_path / "a", "--train-mode", "linear_fixed_features", "--cache-dir", str(cache))
+    first = run.backbone_features()
+    files = sorted(cache.iterdir())
+    assert [p.name.split("-")[-1] for p in files] == ["train.npz", "val.npz"]
+    stamps = [p.stat().st_mtime_ns for p in files]
+
+    again = make_run(demo_root, tmp_path / "b", "--train-mode", "linear_fixed_features", "--cache-dir", str(cache))
+    hits = []
+    again.model.features = lambda x: hits.append(x) or torch.zeros(len(x), again.model.feature_dim)
+    second = again.backbone_features()
+    assert hits == [] and [p.stat().st_mtime_ns for p in files] == stamps
+    assert all((first[k] == second[k]).all() for k in first)
+
+    other_weights = make_run(demo_root, tmp_path / "c", "--train-mode", "linear_fixed_features", "--cache-dir", str(cache),
+                             "-s", "5")
+    other_weights.backbone_features()
+    assert len(list(cache.iterdir())) == 4  # different weights: a different key, new files
+
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated
+    rebuilt = make_run(demo_root, tmp_path / "d", "--train-mode", "linear_fixed_features", "--cache-dir", str(cache))
+    assert (rebuilt.backbone_features()["train"] == first["train"]).all()
+    assert "recomputing" in (tmp_path / "d" / "pascal_resnet50_an_seed0" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("mode", ["linear_fixed_features", "linear_init"])
+def test_frozen_modes_run(demo_root, tmp_path, mode):
+    summary = main_clip.main(args_for(demo_root, tmp_path, "--train-mode", mode, "--head-epochs", "2",
+                                      "--head-lr", "1e-2", "--run-name", "r"))
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    epochs = {r["epoch"] for r in records if r["phase"] == "train"}
+    assert epochs == ({1, 2} if mode == "linear_fixed_features" else {1, 2, 3, 4})
+    assert summary["train_mode"] == mode and summary["best_test_map"] > 0
+    log = (tmp_path / "r" / "log.txt").read_text()
+    assert "(head on cached features)" in log
+    assert ("fine-tuning end to end from the best head" in log) == (mode == "linear_init")
+
+
+def test_linear_init_resume_across_the_stage_change(demo_root, tmp_path):
+    common = ("--train-mode", "linear_init", "--head-epochs", "1", "--head-lr", "1e-2")
+    once = main_clip.main(args_for(demo_root, tmp_path, *common, "--run-name", "once"))
+    main_clip.main(args_for(demo_root, tmp_path, *common, "--run-name", "split", "--epochs", "1"))
+    resumed = main_clip.main(args_for(demo_root, tmp_path, *common, "--run-name", "split", "--resume"))
+    assert resumed == once
+
+
+def test_bf16_autocast_runs_on_the_cpu(demo_root, tmp_path):
+    summary = main_clip.main(args_for(demo_root, tmp_path, "--amp", "bf16", "--epochs", "1", "--run-name", "bf16"))
+    assert summary["best_epoch"] == 1
+
+
+def test_fp16_is_refused_on_the_cpu(demo_root, tmp_path, capsys):
+    code = main_clip.cli(["-d", "pascal", "--data-root", str(demo_root), "--output-dir", str(tmp_path / "out"),
+                          "--tiny-models", "--amp", "fp16"])
+    assert code == 2 and "--amp fp16 needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+class RecordingScaler:
+    """Stands in for torch.amp.GradScaler and records the order of the calls."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def scale(self, loss):
+        self.calls.append("scale")
+        return loss * 1.0
+
+    def step(self, optimizer):
+        self.calls.append("step")
+        optimizer.step()
+
+    def update(self):
+        self.calls.append("update")
+
+
+def test_train_step_order_autocast_then_float32_loss_then_scaled_step():
+    calls = []
+    net = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    @contextlib.contextmanager
+    def recording_autocast():
+        calls.append("autocast on")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+        calls.append("autocast off")
+
+    def loss_of(preds):
+        calls.append(f"loss {preds.dtype}")
+        return preds.mean()
+
+    before = net.weight.detach().clone()
+    preds, loss = main_clip.train_step(net, optimizer, RecordingScaler(calls), torch.randn(5, 4), loss_of,
+                                       recording_autocast())
+    assert calls == ["autocast on", "autocast off", "loss torch.float32", "scale", "step", "update"]
+    assert preds.dtype == torch.float32 and not torch.equal(before, net.weight)
+
+
+def test_real_grad_scaler_steps_on_the_cpu():
+    net = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    before = net.weight.detach().clone()
+    main_clip.train_step(net, optimizer, scaler, torch.randn(5, 4), lambda p: p.mean(), contextlib.nullcontext())
+    assert not torch.equal(before, net.weight) and scaler.get_scale() == 2.0 ** 8
+
+
+def test_non_finite_loss_names_epoch_and_batch(demo_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(main_clip.losses, "compute_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(main_clip.RunError, match="epoch 1, batch 1"):
+        main_clip.main(args_for(demo_root, tmp_path, "--run-name", "nan"))
+    assert (tmp_path / "nan" / "last.pt").exists()
