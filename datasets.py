@@ -438,21 +438,36 @@ class MultiLabelDataset(torch.utils.data.Dataset):
 class AugmentationSampler(torch.utils.data.Sampler):
     """Yields ``(index, flip)`` in a shuffled order, both drawn in the main process from
     ``generator``: the order and the flips of an epoch depend only on the generator's seed,
-    not on worker processes or their lifetime, so a resumed run repeats them exactly."""
+    not on worker processes or their lifetime, so a resumed run repeats them exactly.
 
-    def __init__(self, num_items: int, generator: torch.Generator, shuffle: bool = True):
+    Under torchrun every rank draws the same permutation (same seed) and takes every
+    ``world_size``-th item from position ``rank``, after padding the permutation with its own
+    first items to a multiple of ``world_size`` (as DistributedSampler does), so all ranks run
+    the same number of batches.
+    """
+
+    def __init__(self, num_items: int, generator: torch.Generator, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self.num_items = num_items
         self.generator = generator
         self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
 
     def __len__(self) -> int:
-        return self.num_items
+        return -(-self.num_items // self.world_size)
 
     def __iter__(self):
         order = (torch.randperm(self.num_items, generator=self.generator) if self.shuffle
                  else torch.arange(self.num_items))
         flips = torch.rand(self.num_items, generator=self.generator) < 0.5
-        return iter(zip(order.tolist(), flips.tolist()))
+        padding = len(self) * self.world_size - self.num_items
+        if padding:
+            order, flips = torch.cat([order, order[:padding]]), torch.cat([flips, flips[:padding]])
+        mine = slice(self.rank, None, self.world_size)
+        return iter(zip(order[mine].tolist(), flips[mine].tolist()))
 
 
 class FeatureDataset(torch.utils.data.Dataset):

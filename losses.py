@@ -63,9 +63,14 @@ def iun_matrix(preds: Tensor, observed: Tensor, true: Tensor) -> Tensor:
 
 def em_matrix(preds: Tensor, observed: Tensor, alpha: float) -> Tensor:
     """Entropy maximisation: nl(p) where o = 1, -alpha*H(p) where o = 0."""
-    loss = torch.zeros_like(preds)
-    loss = torch.where(observed == 1, neg_log(preds), loss)
-    return torch.where(observed == 0, -alpha * entropy(preds), loss)
+    nl_pos, nl_neg = neg_log(preds), neg_log(1.0 - preds)
+    loss = torch.where(observed == 1, nl_pos, torch.zeros_like(preds))
+    return torch.where(observed == 0, -alpha * _entropy_of(preds, nl_pos, nl_neg), loss)
+
+
+def _entropy_of(preds: Tensor, nl_pos: Tensor, nl_neg: Tensor) -> Tensor:
+    """H(p) from nl(p) and nl(1-p) already computed (each log is taken once per batch)."""
+    return preds * nl_pos + (1.0 - preds) * nl_neg
 
 
 def em_apl_matrix(preds: Tensor, observed: Tensor, alpha: float, beta: float) -> Tensor:
@@ -84,11 +89,11 @@ def em_pl_matrix(preds: Tensor, observed: Tensor, pseudo: Tensor, alpha: float,
     """
     unobserved = observed == 0
     final = torch.where(unobserved, pseudo, observed)
-    pos_term = (1.0 - PSEUDO_SMOOTHING) * neg_log(preds) + PSEUDO_SMOOTHING * neg_log(1.0 - preds)
-    neg_term = PSEUDO_SMOOTHING * neg_log(preds) + (1.0 - PSEUDO_SMOOTHING) * neg_log(1.0 - preds)
-    loss = torch.zeros_like(preds)
-    loss = torch.where(observed == 1, neg_log(preds), loss)
-    loss = torch.where(final == 0, -alpha * entropy(preds), loss)
+    nl_pos, nl_neg = neg_log(preds), neg_log(1.0 - preds)
+    pos_term = (1.0 - PSEUDO_SMOOTHING) * nl_pos + PSEUDO_SMOOTHING * nl_neg
+    neg_term = PSEUDO_SMOOTHING * nl_pos + (1.0 - PSEUDO_SMOOTHING) * nl_neg
+    loss = torch.where(observed == 1, nl_pos, torch.zeros_like(preds))
+    loss = torch.where(final == 0, -alpha * _entropy_of(preds, nl_pos, nl_neg), loss)
     loss = torch.where(unobserved & (pseudo == 1), beta_pos * pos_term, loss)
     return torch.where(unobserved & (pseudo == -1), beta_neg * neg_term, loss)
 
@@ -102,12 +107,13 @@ def em_pl_asl_matrix(preds: Tensor, observed: Tensor, pseudo: Tensor, gamma_pos:
     """
     unobserved = observed == 0
     final = torch.where(unobserved, pseudo, observed)
-    pos_term = torch.pow(1.0 - preds, gamma_pos) * neg_log(preds)
-    loss = torch.zeros_like(preds)
-    loss = torch.where(observed == 1, pos_term, loss)
-    loss = torch.where(final == 0, -torch.pow(1.0 - preds, gamma_unknown) * entropy(preds), loss)
+    nl_pos, nl_neg = neg_log(preds), neg_log(1.0 - preds)
+    pos_term = torch.pow(1.0 - preds, gamma_pos) * nl_pos
+    loss = torch.where(observed == 1, pos_term, torch.zeros_like(preds))
+    unknown_term = -torch.pow(1.0 - preds, gamma_unknown) * _entropy_of(preds, nl_pos, nl_neg)
+    loss = torch.where(final == 0, unknown_term, loss)
     loss = torch.where(unobserved & (pseudo == 1), pos_term, loss)
-    neg_term = torch.pow(preds, gamma_neg) * neg_log(1.0 - preds)
+    neg_term = torch.pow(preds, gamma_neg) * nl_neg
     return torch.where(unobserved & (pseudo == -1), neg_term, loss)
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,65 @@ RESUMABLE_CHANGES = {"resume", "epochs", "num_workers", "gpu", "test_every_epoch
 
 class RunError(Exception):
     """A problem the user can fix (bad flag, missing file); shown as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank: after training, each rank's
+        running statistics saw its own batches last; evaluation and checkpoints use rank 0's."""
+        if self.enabled:
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Elementwise sum over ranks."""
+        if not self.enabled:
+            return [float(v) for v in values]
+        total = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        return total.tolist()
+
+    def gather_rows(self, indices: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Every rank's (indices, arrays) concatenated, on every rank, with rows repeated by a
+        sampler's padding dropped (first occurrence kept) and sorted by index."""
+        if self.enabled:
+            parts: list = [None] * self.world_size
+            torch.distributed.all_gather_object(parts, (indices, *arrays))
+            indices = np.concatenate([part[0] for part in parts])
+            arrays = tuple(np.concatenate([part[i + 1] for part in parts]) for i in range(len(arrays)))
+        unique, first = np.unique(indices, return_index=True)
+        return (unique, *(array[first] for array in arrays))
+
+
+def init_distributed() -> Distributed:
+    """A torchrun launch (WORLD_SIZE > 1): join the process group, nccl on CUDA, gloo on the CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return Distributed(torch.distributed.get_rank(), world_size, local_rank)
 
 
 @dataclass
@@ -168,10 +228,13 @@ def _check_values(config: dict) -> None:
         raise RunError(f"EM_APL needs --warmup-epoch ({config['warmup_epoch']}) below --epochs ({config['epochs']})")
 
 
-def select_device(gpu: int) -> torch.device:
+def select_device(gpu: int, dist: Distributed = Distributed()) -> torch.device:
     if not torch.cuda.is_available():
-        print(f"CUDA is not available: ignoring -g {gpu} and running on the CPU")
+        if dist.is_main:
+            print(f"CUDA is not available: ignoring -g {gpu} and running on the CPU")
         return torch.device("cpu")
+    if dist.enabled:
+        return torch.device("cuda", dist.local_rank)  # torchrun: one process per device
     if not 0 <= gpu < torch.cuda.device_count():
         raise RunError(f"-g {gpu}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device("cuda", gpu)
@@ -195,7 +258,8 @@ def prepare_run_dir(config: dict) -> Path:
 
 
 def make_loader(dataset, batch_size: int, num_workers: int, sampler=None) -> DataLoader:
-    """Loader in dataset order, or in ``sampler``'s order (the train phase's AugmentationSampler)."""
+    """Loader in ``sampler``'s order (the train phase's AugmentationSampler; a rank's share of
+    the indices under torchrun), else in dataset order."""
     features = isinstance(dataset, datasets.FeatureDataset)
     workers = 0 if features else num_workers  # cached features are already in memory
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -229,22 +293,27 @@ def train_step(net, optimizer, scaler, inputs, loss_of, amp_context) -> tuple[to
 
 
 @torch.no_grad()
-def predict(net, loader, device, desc: str, amp: str = "none") -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities for a whole split in dataset order: (N x K scores, N indices)."""
+def predict(net, loader, device, desc: str, amp: str = "none",
+            dist: Distributed = Distributed()) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities for a whole split in index order, gathered from every rank: (N x K scores, N indices)."""
     net.eval()
     scores, indices = [], []
-    for batch in tqdm(loader, desc=desc, mininterval=3.0, leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=desc, mininterval=3.0, leave=False, dynamic_ncols=True, disable=not dist.is_main):
         with autocast(amp, device):
             logits = net(batch["image"].to(device, non_blocking=True))
         scores.append(torch.sigmoid(logits.float()).cpu())
         indices.append(torch.as_tensor(batch["index"]))
-    return torch.cat(scores).numpy(), torch.cat(indices).numpy()
+    indices, scores = dist.gather_rows(torch.cat(indices).numpy(), torch.cat(scores).numpy())
+    if len(indices) != len(loader.dataset):
+        raise RuntimeError(f"{desc}: predictions for {len(indices)} of {len(loader.dataset)} images")
+    return scores, indices
 
 
-def evaluate(phase: str, epoch: int, net, loader, device, logger: RunLogger, amp: str = "none") -> dict:
+def evaluate(phase: str, epoch: int, net, loader, device, logger: RunLogger, amp: str = "none",
+             dist: Distributed = Distributed()) -> dict:
     dataset = loader.dataset
     logger.begin_phase(phase, epoch, len(dataset), dataset.clean.shape[1])
-    scores, indices = predict(net, loader, device, desc=f"epoch {epoch} {phase}", amp=amp)
+    scores, indices = predict(net, loader, device, desc=f"epoch {epoch} {phase}", amp=amp, dist=dist)
     logger.record_batch(indices, scores, dataset.clean[indices], dataset.observed[indices])
     return logger.end_phase()
 
@@ -294,12 +363,14 @@ def main(args: argparse.Namespace) -> dict:
     if args.demo:
         print(DEMO_NOTICE)
         run_demo_data(Path(args.data_root))
+    dist = init_distributed()
     try:
         config = resolve_config(args)
         run_dir = prepare_run_dir(config)
-        setup = _setup(config)
+        setup = _setup(config, dist)
     except (ValueError, FileNotFoundError) as error:
         raise RunError(str(error)) from error
+    dist.barrier()  # every rank has checked the run folder before rank 0 writes to it
     summary = _train(config, run_dir, setup)
     if args.demo:
         print(DEMO_NOTICE)
@@ -316,16 +387,20 @@ class Setup:
     benchmark: datasets.BenchmarkSplits
     teacher: models.Teacher | None
     text_features: torch.Tensor | None
+    dist: Distributed = Distributed()
 
 
-def _setup(config: dict) -> Setup:
+def _setup(config: dict, dist: Distributed = Distributed()) -> Setup:
     """Everything that can fail on user input, before any output or long work."""
     needs_pseudo = config["loss"] in losses.LOSSES_NEEDING_PSEUDO
     needs_teacher = needs_pseudo or config["model"] == "clip_vision"
     models.check_weights_available(config["model"], backbone_weights=config["backbone_weights"],
                                    clip_weights=config["clip_weights"], need_teacher=needs_teacher,
                                    tiny=config["tiny_models"])
-    device = select_device(config["gpu"])
+    device = select_device(config["gpu"], dist)
+    if config["bsize"] % dist.world_size:
+        raise RunError(f"--bsize {config['bsize']} is the global batch: it must be a multiple of the "
+                       f"{dist.world_size} processes")
     if config["amp"] == "fp16" and device.type != "cuda":
         raise RunError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp none")
     benchmark = datasets.load_benchmark(
@@ -337,7 +412,7 @@ def _setup(config: dict) -> Setup:
     if needs_pseudo:
         text_features = models.load_text_features(config["text_features"], benchmark.info.num_classes,
                                                   teacher.embed_dim, dataset=config["dataset"])
-    return Setup(device, benchmark, teacher, text_features)
+    return Setup(device, benchmark, teacher, text_features, dist)
 
 
 def head_epochs(config: dict) -> int:
@@ -362,6 +437,7 @@ class Stage:
     """What one kind of epoch trains: the whole model on images, or the head on cached features."""
     name: str                      # "end_to_end" or "head"
     net: torch.nn.Module           # maps a batch's "image" entry to logits
+    train_net: torch.nn.Module     # net, wrapped in DistributedDataParallel under torchrun
     optimizer: torch.optim.Optimizer
     generator: torch.Generator     # reseeded every epoch: shuffle order and flips
     loaders: dict                  # "train", "val", "test", "train_eval" (APL's un-augmented pass)
@@ -370,19 +446,28 @@ class Stage:
 class Run:
     """One training run: the model, its label state, its stages, its checkpoints."""
 
-    def __init__(self, config: dict, run_dir: Path, setup: Setup):
+    def __init__(self, config: dict, run_dir: Path, setup: Setup, model: models.Classifier | None = None):
         self.config, self.run_dir, self.setup = config, run_dir, setup
         self.device, self.benchmark, self.teacher = setup.device, setup.benchmark, setup.teacher
         self.hp = LossHyperparams(**{k: config[k] for k in LossHyperparams.__dataclass_fields__})
         self.online = config["pseudo_labels"] == "online" and setup.text_features is not None
         self.num_classes = self.benchmark.info.num_classes
-        self.logger = RunLogger(run_dir, resume=config["resume"])
+        self.dist = setup.dist
+        if self.dist.is_main:
+            self.logger = RunLogger(run_dir, resume=config["resume"])
+        else:
+            # Other ranks keep the same bookkeeping (their metrics are computed from the same
+            # gathered predictions, so they reach the same decisions) but write nothing of the run's.
+            self._scratch = tempfile.TemporaryDirectory(prefix=f"vlpl-rank{self.dist.rank}-")
+            self.logger = RunLogger(Path(self._scratch.name), resume=False, echo=False)
         self.teacher_embeddings: np.ndarray | None = None  # raw, whole official train set
 
         torch.manual_seed(config["seed"])
-        clip_model = self.teacher.clip_model if self.teacher is not None else None
-        self.model = models.build_model(config["model"], self.num_classes, backbone_weights=config["backbone_weights"],
-                                        clip_model=clip_model, tiny=config["tiny_models"]).to(self.device)
+        if model is None:
+            clip_model = self.teacher.clip_model if self.teacher is not None else None
+            model = models.build_model(config["model"], self.num_classes, backbone_weights=config["backbone_weights"],
+                                       clip_model=clip_model, tiny=config["tiny_models"])
+        self.model = model.to(self.device)
         if self.device.type == "cuda" and config["model"] != "clip_vision":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config["amp"] == "fp16")
@@ -402,7 +487,8 @@ class Run:
             encode, key, [str(self.benchmark.image_dir / p) for p in formatted.images], image_size, mean, std,
             Path(self.config["cache_dir"]) / f"{prefix}-{fingerprint}-{phase}.npz",
             batch_size=max(self.config["bsize"], 32), num_workers=self.config["num_workers"], device=self.device,
-            desc=f"{prefix} {phase}", log=self.logger.log)
+            desc=f"{prefix} {phase}", log=self.logger.log, rank=self.dist.rank, world_size=self.dist.world_size,
+            gather_rows=self.dist.gather_rows)
 
     def teacher_cache_args(self) -> tuple:
         teacher = self.teacher
@@ -444,11 +530,12 @@ class Run:
                 "test": official_val}
 
     # -- stages ----------------------------------------------------------------------------------
-    def build_stage(self, name: str) -> Stage:
+    def build_stage(self, name: str, features: dict[str, np.ndarray] | None = None) -> Stage:
+        """The loaders and optimizer of a stage; ``features`` (train / val / test) skips the feature cache."""
         config, bench = self.config, self.benchmark
         splits = {"train": bench.train, "val": bench.val, "test": bench.test}
         if name == "head":
-            features = self.backbone_features()
+            features = features if features is not None else self.backbone_features()
             phase_sets = {phase: datasets.FeatureDataset(features[phase], split.labels_obs, split.labels)
                           for phase, split in splits.items()}
             phase_sets["train_eval"] = phase_sets["train"]
@@ -466,23 +553,39 @@ class Run:
             if config["loss"] == "EM_APL":
                 phase_sets["train_eval"] = image_set(bench.train, False)
             net, lr, eval_batch = self.model, config["lr"], config["bsize"]
-        generator = torch.Generator()
-        loaders = {phase: make_loader(ds, eval_batch, config["num_workers"]) for phase, ds in phase_sets.items()}
-        loaders["train"] = make_loader(phase_sets["train"], config["bsize"], config["num_workers"],
-                                       sampler=datasets.AugmentationSampler(len(phase_sets["train"]), generator))
-        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-        return Stage(name, net, optimizer, generator, loaders)
+        generator, dist = torch.Generator(), self.dist
+        loaders = {phase: make_loader(ds, eval_batch, config["num_workers"],
+                                      sampler=range(dist.rank, len(ds), dist.world_size))
+                   for phase, ds in phase_sets.items()}
+        train_sampler = datasets.AugmentationSampler(len(phase_sets["train"]), generator, rank=dist.rank,
+                                                     world_size=dist.world_size)
+        loaders["train"] = make_loader(phase_sets["train"], config["bsize"] // dist.world_size, config["num_workers"],
+                                       sampler=train_sampler)
+        # fused: one kernel per step instead of a handful of ops per parameter (CPU and CUDA).
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=True)
+        train_net = net
+        if dist.enabled:
+            train_net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return Stage(name, net, train_net, optimizer, generator, loaders)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_last(self, epoch: int, stage: Stage | None) -> None:
+        if self.dist.is_main:
+            self._save_last(epoch, stage)
+        self.dist.barrier()  # nobody reads last.pt before it is whole
+
+    def _save_last(self, epoch: int, stage: Stage | None) -> None:
         atomic_torch_save(self.run_dir / "last.pt", dict(
             model=self.model.state_dict(), epoch=epoch, train_observed=self.train_observed,
             logger=self.logger.state_dict(), config=self.config, scaler=self.scaler.state_dict(),
             stage=stage.name if stage else None, optimizer=stage.optimizer.state_dict() if stage else None))
 
     def save_best(self, epoch: int, val_map: float) -> None:
-        atomic_torch_save(self.run_dir / "best.pt", dict(model=self.model.state_dict(), epoch=epoch,
-                                                         val_map=val_map, config=self.config))
+        if self.dist.is_main:
+            atomic_torch_save(self.run_dir / "best.pt", dict(model=self.model.state_dict(), epoch=epoch,
+                                                             val_map=val_map, config=self.config))
+        self.dist.barrier()
 
     def restore(self) -> tuple[int, dict]:
         state = torch.load(self.run_dir / "last.pt", map_location="cpu", weights_only=True)
@@ -496,7 +599,7 @@ class Run:
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
         config, logger = self.config, self.logger
-        if not config["resume"]:
+        if not config["resume"] and self.dist.is_main:
             atomic_write_json(self.run_dir / "config.json", config)
         bench = self.benchmark
         logger.log(f"run folder: {self.run_dir}")
@@ -531,7 +634,8 @@ class Run:
             logger.log("resume with: " + resume_command(config))
             logger.close()
             raise
-        summary = logger.finish(config, extra={"pseudo_labels": self.pseudo_report, "train_mode": config["train_mode"]})
+        summary = logger.finish(config, extra={"pseudo_labels": self.pseudo_report, "train_mode": config["train_mode"],
+                                               "world_size": self.dist.world_size})
         logger.close()
         return summary
 
@@ -539,22 +643,24 @@ class Run:
         config, logger = self.config, self.logger
         # Every epoch's randomness derives from (seed, epoch), so a resumed run repeats it exactly.
         epoch_seed = config["seed"] * 100_003 + epoch
-        torch.manual_seed(epoch_seed)
-        stage.generator.manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed + 1_000_003 * self.dist.rank)  # dropout etc.: different per rank
+        stage.generator.manual_seed(epoch_seed)  # data order and flips: the same on every rank
         what = "head on cached features" if stage.name == "head" else "end to end"
         logger.log(f"Epoch {epoch}/{total_epochs(config)} ({what})")
         self.train_phase(epoch, stage)
-        val = evaluate("val", epoch, stage.net, stage.loaders["val"], self.device, logger, config["amp"])
+        self.dist.broadcast_buffers(self.model)
+        val = evaluate("val", epoch, stage.net, stage.loaders["val"], self.device, logger, config["amp"], self.dist)
         val_map = val["clean" if config["val_labels"] == "clean" else "observed"]["map"]
         new_best = logger.update_best(epoch, val_map)
         if new_best:
             self.save_best(epoch, val_map)
         if new_best or config["test_every_epoch"]:
-            test = evaluate("test", epoch, stage.net, stage.loaders["test"], self.device, logger, config["amp"])
+            test = evaluate("test", epoch, stage.net, stage.loaders["test"], self.device, logger, config["amp"], self.dist)
             if new_best:
                 logger.set_best_test(test)
         if config["loss"] == "EM_APL" and epoch >= config["warmup_epoch"]:
-            scores, indices = predict(stage.net, stage.loaders["train_eval"], self.device, f"epoch {epoch} APL", config["amp"])
+            scores, indices = predict(stage.net, stage.loaders["train_eval"], self.device, f"epoch {epoch} APL",
+                                      config["amp"], self.dist)
             ordered = torch.empty(len(indices), self.num_classes)
             ordered[torch.from_numpy(indices)] = torch.from_numpy(scores)
             apl_update(self.train_observed, ordered, self.unobserved_at_start, config["neg_proportion"],
@@ -570,7 +676,8 @@ class Run:
         amp_context = autocast(config["amp"], device)
         channels_last = device.type == "cuda" and stage.name == "end_to_end" and config["model"] != "clip_vision"
         running, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch} train", mininterval=3.0, dynamic_ncols=True)
+        seen_indices, seen_preds, batch_losses = [], [], []
+        bar = tqdm(loader, desc=f"epoch {epoch} train", mininterval=3.0, dynamic_ncols=True, disable=not self.dist.is_main)
         for batch_number, batch in enumerate(bar, start=1):
             index = torch.as_tensor(batch["index"])
             inputs = batch["image"].to(device, non_blocking=True)
@@ -587,7 +694,7 @@ class Run:
             def loss_of(preds):
                 return losses.compute_loss(config["loss"], preds, observed, self.hp, epoch=epoch, pseudo=pseudo, true=true)
             try:
-                preds, loss = train_step(stage.net, stage.optimizer, self.scaler, inputs, loss_of, amp_context)
+                preds, loss = train_step(stage.train_net, stage.optimizer, self.scaler, inputs, loss_of, amp_context)
             except FloatingPointError as error:
                 raise RunError(f"{error} at epoch {epoch}, batch {batch_number}; "
                                f"last.pt keeps the state after epoch {epoch - 1}") from error
@@ -595,7 +702,13 @@ class Run:
             running += loss_value * len(index)
             seen += len(index)
             bar.set_postfix(loss=f"{running / seen:.4f}", refresh=False)
-            logger.record_batch(index, preds.detach(), batch["clean"], batch["observed"], loss_value)
+            seen_indices.append(index)
+            seen_preds.append(preds.detach().cpu())
+            batch_losses.append(loss_value * len(index))
+        indices, scores = self.dist.gather_rows(torch.cat(seen_indices).numpy(), torch.cat(seen_preds).numpy())
+        loss_sum, count = self.dist.sum([sum(batch_losses), seen])
+        dataset = loader.dataset
+        logger.record_batch(indices, scores, dataset.clean[indices], dataset.observed[indices], loss_sum / count)
         logger.end_phase()
 
 

@@ -638,7 +638,8 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
                       image_paths: Sequence[str], image_size: int, mean, std,
                       cache_file: str | os.PathLike, *, batch_size: int = 32, num_workers: int = 0,
                       device: str | torch.device = "cpu", desc: str = "teacher",
-                      log: Callable[[str], None] = _log_stderr) -> np.ndarray:
+                      log: Callable[[str], None] = _log_stderr, rank: int = 0, world_size: int = 1,
+                      gather_rows: Callable | None = None) -> np.ndarray:
     """N x D float32 ``encode`` outputs of the images (resized to ``image_size``, normalised
     with ``mean``/``std``, no augmentation), computed once and cached in ``cache_file``.
 
@@ -646,6 +647,10 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
     is hashed with the image list, size and normalisation into the file. A file with another
     key, the wrong shape, or that cannot be read is reported through ``log`` and rebuilt; the
     new file is written atomically.
+
+    Under torchrun (``world_size`` > 1) each rank encodes every ``world_size``-th image from
+    position ``rank``; ``gather_rows(indices, rows)`` must return every rank's rows, sorted by
+    index, on every rank; rank 0 writes the file.
     """
     cache_file = Path(cache_file)
     image_paths = [str(p) for p in image_paths]
@@ -658,23 +663,30 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
             log(f"{desc}: using cached embeddings {cache_file}")
             return cached
         log(f"{desc}: cache {cache_file} {reason}; recomputing it")
+    if world_size > 1 and gather_rows is None:
+        raise ValueError("cached_embeddings: world_size > 1 needs gather_rows")
     dataset = datasets.ImageListDataset(image_paths, image_size, mean, std)
+    mine = range(rank, len(dataset), world_size)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        dataset, batch_size=batch_size, sampler=mine, num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda")
-    embeddings: np.ndarray | None = None
-    with torch.no_grad(), tqdm(total=len(dataset), desc=desc, unit="img", mininterval=3.0,
-                               dynamic_ncols=True) as bar:
+    outputs, rows = [], []
+    with torch.no_grad(), tqdm(total=len(mine), desc=desc, unit="img", mininterval=3.0,
+                               dynamic_ncols=True, disable=rank != 0) as bar:
         for images, indices in loader:
-            output = encode(images.to(device, non_blocking=True)).float().cpu().numpy()
-            if embeddings is None:
-                embeddings = np.empty((len(dataset), output.shape[1]), dtype=np.float32)
-            embeddings[indices.numpy()] = output
+            outputs.append(encode(images.to(device, non_blocking=True)).float().cpu().numpy())
+            rows.append(indices.numpy())
             bar.update(len(indices))
-    assert embeddings is not None  # at least one batch (checked above)
+    row_index, embeddings = np.concatenate(rows), np.concatenate(outputs).astype(np.float32)
+    if world_size > 1:
+        row_index, embeddings = gather_rows(row_index, embeddings)
+    if not np.array_equal(row_index, np.arange(len(dataset))):
+        raise RuntimeError(f"{desc}: embeddings for {len(row_index)} of {len(dataset)} images")
     if not np.isfinite(embeddings).all():
         bad = int(np.flatnonzero(~np.isfinite(embeddings).all(axis=1))[0])
         raise ValueError(f"{desc}: non-finite embedding for image {image_paths[bad]}")
+    if rank != 0:
+        return embeddings
     readable_key = json.dumps(key, sort_keys=True)
     atomic_write(cache_file, lambda handle: np.savez(handle, key=np.array(key_hash),
                                                      key_json=np.array(readable_key),
