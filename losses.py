@@ -40,44 +40,52 @@ def entropy(preds: Tensor) -> Tensor:
     return preds * neg_log(preds) + (1.0 - preds) * neg_log(1.0 - preds)
 
 
+def combine(preds: Tensor, on_pos: Tensor | float, on_neg: Tensor | float, on_entropy: Tensor | float) -> Tensor:
+    """L = on_pos*nl(p) + on_neg*nl(1-p) + on_entropy*H(p), with coefficients that depend on the
+    labels only.
+
+    Every loss of the family except EM_PL_ASL has this form; writing it once takes each log
+    once per batch and keeps the autograd graph short (it runs once per training step).
+    """
+    nl_pos, nl_neg = neg_log(preds), neg_log(1.0 - preds)
+    loss = on_pos * nl_pos + on_neg * nl_neg
+    if isinstance(on_entropy, Tensor) or on_entropy != 0:
+        loss = loss + on_entropy * (preds * nl_pos + (1.0 - preds) * nl_neg)
+    return loss
+
+
+def _where(mask: Tensor, value: Tensor | float, otherwise: Tensor | float = 0.0) -> Tensor:
+    """A coefficient matrix: ``value`` where ``mask``, else ``otherwise`` (labels only, no gradient)."""
+    return torch.where(mask, value, otherwise)
+
+
 def bce_matrix(preds: Tensor, true: Tensor) -> Tensor:
     """Oracle BCE on clean labels: nl(p) where true = 1, nl(1-p) where true = 0."""
-    loss = torch.zeros_like(preds)
-    loss = torch.where(true == 1, neg_log(preds), loss)
-    return torch.where(true == 0, neg_log(1.0 - preds), loss)
+    return combine(preds, _where(true == 1, 1.0), _where(true == 0, 1.0), 0.0)
 
 
 def an_matrix(preds: Tensor, observed: Tensor) -> Tensor:
     """Assume negative: nl(p) where o = 1, nl(1-p) where o = 0."""
-    loss = torch.zeros_like(preds)
-    loss = torch.where(observed == 1, neg_log(preds), loss)
-    return torch.where(observed == 0, neg_log(1.0 - preds), loss)
+    return combine(preds, _where(observed == 1, 1.0), _where(observed == 0, 1.0), 0.0)
 
 
 def iun_matrix(preds: Tensor, observed: Tensor, true: Tensor) -> Tensor:
-    """Oracle baseline: nl(p) where o = 1, nl(1-p) where the true label is 0."""
-    loss = torch.zeros_like(preds)
-    loss = torch.where(observed == 1, neg_log(preds), loss)
-    return torch.where(true == 0, neg_log(1.0 - preds), loss)
+    """Oracle baseline: nl(p) where o = 1, nl(1-p) where the true label is 0 (which wins)."""
+    true_negative = true == 0
+    return combine(preds, _where((observed == 1) & ~true_negative, 1.0), _where(true_negative, 1.0), 0.0)
 
 
 def em_matrix(preds: Tensor, observed: Tensor, alpha: float) -> Tensor:
     """Entropy maximisation: nl(p) where o = 1, -alpha*H(p) where o = 0."""
-    nl_pos, nl_neg = neg_log(preds), neg_log(1.0 - preds)
-    loss = torch.where(observed == 1, nl_pos, torch.zeros_like(preds))
-    return torch.where(observed == 0, -alpha * _entropy_of(preds, nl_pos, nl_neg), loss)
-
-
-def _entropy_of(preds: Tensor, nl_pos: Tensor, nl_neg: Tensor) -> Tensor:
-    """H(p) from nl(p) and nl(1-p) already computed (each log is taken once per batch)."""
-    return preds * nl_pos + (1.0 - preds) * nl_neg
+    return combine(preds, _where(observed == 1, 1.0), 0.0, _where(observed == 0, -alpha))
 
 
 def em_apl_matrix(preds: Tensor, observed: Tensor, alpha: float, beta: float) -> Tensor:
     """EM plus APL soft negatives: where o < 0, s = -o, beta*(s*nl(p) + (1-s)*nl(1-p))."""
-    soft = -observed
-    soft_loss = beta * (soft * neg_log(preds) + (1.0 - soft) * neg_log(1.0 - preds))
-    return torch.where(observed < 0, soft_loss, em_matrix(preds, observed, alpha))
+    soft = observed < 0
+    on_pos = torch.where(soft, beta * -observed, _where(observed == 1, 1.0))
+    on_neg = torch.where(soft, beta * (1.0 + observed), torch.zeros_like(observed))
+    return combine(preds, on_pos, on_neg, _where(observed == 0, -alpha))
 
 
 def em_pl_matrix(preds: Tensor, observed: Tensor, pseudo: Tensor, alpha: float,
@@ -85,17 +93,15 @@ def em_pl_matrix(preds: Tensor, observed: Tensor, pseudo: Tensor, alpha: float,
     """VLPL after warm-up, with f = q where o = 0 else o.
 
     nl(p) where o = 1; -alpha*H(p) where f = 0; beta_pos*(0.9*nl(p) + 0.1*nl(1-p)) where o = 0
-    and q = +1; beta_neg*(0.1*nl(p) + 0.9*nl(1-p)) where o = 0 and q = -1.
+    and q = +1; beta_neg*(0.1*nl(p) + 0.9*nl(1-p)) where o = 0 and q = -1. (f = 0 exactly
+    where o = 0 and q = 0, so the four cases are disjoint.)
     """
     unobserved = observed == 0
-    final = torch.where(unobserved, pseudo, observed)
-    nl_pos, nl_neg = neg_log(preds), neg_log(1.0 - preds)
-    pos_term = (1.0 - PSEUDO_SMOOTHING) * nl_pos + PSEUDO_SMOOTHING * nl_neg
-    neg_term = PSEUDO_SMOOTHING * nl_pos + (1.0 - PSEUDO_SMOOTHING) * nl_neg
-    loss = torch.where(observed == 1, nl_pos, torch.zeros_like(preds))
-    loss = torch.where(final == 0, -alpha * _entropy_of(preds, nl_pos, nl_neg), loss)
-    loss = torch.where(unobserved & (pseudo == 1), beta_pos * pos_term, loss)
-    return torch.where(unobserved & (pseudo == -1), beta_neg * neg_term, loss)
+    pseudo_pos, pseudo_neg = unobserved & (pseudo == 1), unobserved & (pseudo == -1)
+    keep, smooth = 1.0 - PSEUDO_SMOOTHING, PSEUDO_SMOOTHING
+    on_pos = _where(observed == 1, 1.0, _where(pseudo_pos, beta_pos * keep, _where(pseudo_neg, beta_neg * smooth)))
+    on_neg = _where(pseudo_pos, beta_pos * smooth, _where(pseudo_neg, beta_neg * keep))
+    return combine(preds, on_pos, on_neg, _where(unobserved & (pseudo == 0), -alpha))
 
 
 def em_pl_asl_matrix(preds: Tensor, observed: Tensor, pseudo: Tensor, gamma_pos: float,
@@ -110,7 +116,7 @@ def em_pl_asl_matrix(preds: Tensor, observed: Tensor, pseudo: Tensor, gamma_pos:
     nl_pos, nl_neg = neg_log(preds), neg_log(1.0 - preds)
     pos_term = torch.pow(1.0 - preds, gamma_pos) * nl_pos
     loss = torch.where(observed == 1, pos_term, torch.zeros_like(preds))
-    unknown_term = -torch.pow(1.0 - preds, gamma_unknown) * _entropy_of(preds, nl_pos, nl_neg)
+    unknown_term = -torch.pow(1.0 - preds, gamma_unknown) * (preds * nl_pos + (1.0 - preds) * nl_neg)
     loss = torch.where(final == 0, unknown_term, loss)
     loss = torch.where(unobserved & (pseudo == 1), pos_term, loss)
     neg_term = torch.pow(preds, gamma_neg) * nl_neg
@@ -126,7 +132,8 @@ def _hp(hp: Any, name: str) -> float:
     return float(getattr(hp, name))
 
 
-def _check_range(name: str, tensor: Tensor, low: float, high: float, shape) -> Tensor:
+def _check_range(name: str, tensor: Tensor, low: float, high: float, shape,
+                 check_values: bool = True) -> Tensor | None:
     """Shape check now; return a 0-dim bool tensor 'all values in [low, high]' (checked later).
 
     Deferring the value checks lets ``compute_loss`` read them with one device sync per batch.
@@ -137,6 +144,8 @@ def _check_range(name: str, tensor: Tensor, low: float, high: float, shape) -> T
     if tensor.shape != shape:
         raise ValueError(f"compute_loss: {name} has shape {tuple(tensor.shape)}, "
                          f"preds has {tuple(shape)}")
+    if not check_values:
+        return None
     if tensor.numel() == 0:
         return torch.ones((), dtype=torch.bool, device=tensor.device)
     low_value, high_value = torch.aminmax(tensor.detach())
@@ -169,8 +178,13 @@ def loss_matrix(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: i
 
 
 def compute_loss(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: int = 1,
-                 pseudo: Tensor | None = None, true: Tensor | None = None) -> Tensor:
+                 pseudo: Tensor | None = None, true: Tensor | None = None,
+                 check_values: bool = True) -> Tensor:
     """Scalar batch loss sum(L) / (B*K) of loss ``name``, after validating the inputs.
+
+    ``check_values=False`` skips the value-range checks (names, presence and shapes are always
+    checked): for a training loop whose label matrices were validated once up front and whose
+    preds come from a sigmoid, where the range checks would cost a device sync per step.
 
     ValueError when: the name is unknown (the message lists the known ones); a tensor is not
     B x K like ``preds``; preds leave [0, 1] or observed leaves [-1, 1] (NaN included);
@@ -183,19 +197,19 @@ def compute_loss(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: 
         raise ValueError(f"compute_loss: preds must be a B x K torch.Tensor, got "
                          f"{tuple(preds.shape) if isinstance(preds, Tensor) else type(preds).__name__}")
     checks = {"preds must lie in [0, 1] (sigmoid probabilities, no NaN)":
-              _check_range("preds", preds, 0.0, 1.0, preds.shape),
+              _check_range("preds", preds, 0.0, 1.0, preds.shape, check_values),
               "observed labels must lie in [-1, 1]":
-              _check_range("observed", observed, -1.0, 1.0, preds.shape)}
+              _check_range("observed", observed, -1.0, 1.0, preds.shape, check_values)}
     if name in LOSSES_NEEDING_PSEUDO:
         if pseudo is None:
             raise ValueError(f"loss {name!r} needs pseudo-labels (pseudo=B x K in {{-1, 0, 1}})")
-        checks["pseudo-labels must lie in [-1, 1]"] = _check_range("pseudo", pseudo, -1.0, 1.0, preds.shape)
+        checks["pseudo-labels must lie in [-1, 1]"] = _check_range("pseudo", pseudo, -1.0, 1.0, preds.shape, check_values)
     if name in LOSSES_NEEDING_TRUE:
         if true is None:
             raise ValueError(f"loss {name!r} needs the clean labels (true=B x K 0/1)")
-        checks["true labels must lie in [0, 1]"] = _check_range("true", true, 0.0, 1.0, preds.shape)
+        checks["true labels must lie in [0, 1]"] = _check_range("true", true, 0.0, 1.0, preds.shape, check_values)
     # One host-device sync for all checks; only on failure look at which one it was.
-    if not bool(torch.stack(list(checks.values())).all()):
+    if check_values and not bool(torch.stack(list(checks.values())).all()):
         failed = [message for message, ok in checks.items() if not bool(ok)]
         raise ValueError(f"compute_loss ({name}): {'; '.join(failed)}")
     loss = loss_matrix(name, preds, observed, hp, epoch=epoch, pseudo=pseudo, true=true)

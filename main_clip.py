@@ -666,6 +666,14 @@ class Run:
             apl_update(self.train_observed, ordered, self.unobserved_at_start, config["neg_proportion"],
                        config["epochs"] - config["warmup_epoch"])
 
+    def check_labels(self) -> None:
+        """The label matrices the loss reads, validated once per epoch instead of once per batch."""
+        def within(name: str, tensor: torch.Tensor | None, low: float, high: float) -> None:
+            if tensor is not None and not bool(((tensor >= low) & (tensor <= high)).all()):
+                raise RunError(f"{name} outside [{low}, {high}]")
+        within("observed training labels", self.train_observed, -1, 1)
+        within("pseudo-labels", self.pseudo_train, -1, 1)
+
     def train_phase(self, epoch: int, stage: Stage) -> None:
         config, device, logger = self.config, self.device, self.logger
         loader = stage.loaders["train"]
@@ -673,6 +681,7 @@ class Run:
         if stage.name == "head":
             self.model.backbone.eval()
         logger.begin_phase("train", epoch, len(loader.dataset), self.num_classes)
+        self.check_labels()
         amp_context = autocast(config["amp"], device)
         channels_last = device.type == "cuda" and stage.name == "end_to_end" and config["model"] != "clip_vision"
         running, seen = 0.0, 0
@@ -692,7 +701,9 @@ class Run:
             true = batch["clean"].to(device, non_blocking=True)
 
             def loss_of(preds):
-                return losses.compute_loss(config["loss"], preds, observed, self.hp, epoch=epoch, pseudo=pseudo, true=true)
+                # Label values were checked once (check_labels); preds come from a sigmoid.
+                return losses.compute_loss(config["loss"], preds, observed, self.hp, epoch=epoch, pseudo=pseudo,
+                                           true=true, check_values=False)
             try:
                 preds, loss = train_step(stage.train_net, stage.optimizer, self.scaler, inputs, loss_of, amp_context)
             except FloatingPointError as error:
