@@ -156,7 +156,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default="data", help="folder holding one sub-folder per dataset")
     g.add_argument("--text-features", default=None, help="K x D .npy of class text features (default: the dataset's file in its folder)")
-    g.add_argument("--cache-dir", default=None, help="where the teacher embedding cache goes (default: <data-root>/<dataset>/cache)")
+    g.add_argument("--cache-dir", default=None, help="where the teacher-embedding and feature caches go (default: <data-root>/<dataset>/cache)")
     g.add_argument("--val-frac", type=float, default=0.2, help="share of the official train set held out for validation")
     g.add_argument("--split-seed", type=int, default=1200, help="seed of the train/val split")
     g.add_argument("--subsample-seed", type=int, default=999, help="seed of the train/val subsampling")
