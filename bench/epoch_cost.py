@@ -1,7 +1,9 @@
 """Benchmark: cost of one training epoch, the original design against ours (issue 6).
 
 Run from the repository root (CPU; several minutes on 2 cores with the defaults):
-    python bench/epoch_cost.py [--num-train 16 --num-val 8 --num-test 8 --batch-size 8 --epochs 1]
+    python bench/epoch_cost.py [--num-train 16 --num-val 4 --num-test 20 --batch-size 8 --epochs 1]
+
+The default split sizes keep VOC 2012's proportions (train 4574 : val 1143 : test 5823).
 
 The real architectures at random init (``pretrained=False``: nothing is read or downloaded):
 the trainable backbone (``-m``, default torchvision ResNet-50 at 448 px) and the frozen teacher
@@ -98,8 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Epoch cost: original design (teacher on every batch, test every "
                                             "epoch) vs ours (cached teacher, test on a new best).")
     p.add_argument("--num-train", type=int, default=16, help="train images")
-    p.add_argument("--num-val", type=int, default=8, help="val images (held out of the official train set)")
-    p.add_argument("--num-test", type=int, default=8, help="test images (the official val set)")
+    p.add_argument("--num-val", type=int, default=4, help="val images (held out of the official train set)")
+    p.add_argument("--num-test", type=int, default=20, help="test images (the official val set)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size of every phase (the method's is 8)")
     p.add_argument("--epochs", type=int, default=1, help="measured epochs per design (per-epoch figures are means)")
     p.add_argument("--project-epochs", type=int, default=10, help="epochs of the projected run totals")
