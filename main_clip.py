@@ -11,6 +11,13 @@ The frozen CLIP teacher runs once per training image before training; its embedd
 cached next to the data, and the pseudo-labels (temperature, threshold, partial) are computed
 from them. Each epoch: a train phase, a val phase, and a test phase only when val mAP
 improves (the reported test mAP is that of the best val epoch, as in the original code).
+
+Reading order: the flags and their per-dataset defaults (``get_args_parser``,
+``resolve_config``); the checks made before anything is written (``prepare_run_dir``,
+``_setup``); one optimisation step (``train_step``) and evaluation (``predict``); then ``Run``,
+which owns the model, the label state (APL), the caches, the stages (end to end on images, or
+the head on cached features for ``--train-mode``), the checkpoints and the epoch loop.
+Under torchrun, ``Distributed`` shards the data and gathers predictions; nothing else changes.
 """
 from __future__ import annotations
 
