@@ -17,6 +17,7 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 import datasets  # noqa: E402
+from preproc import report_formatted, run_script  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -121,15 +122,8 @@ def format_coco(load_path: str | Path, save_path: str | Path) -> dict[str, tuple
 
 
 def main(args: argparse.Namespace) -> None:
-    result = format_coco(args.load_path, args.save_path)
-    for split, (_, labels) in result.items():
-        print(datasets.label_summary(split, labels))
-    print(f"wrote formatted files to {args.save_path}")
-    print(datasets.next_step_hint("coco", args.save_path))
+    report_formatted("coco", format_coco(args.load_path, args.save_path), args.save_path)
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_script(main, get_args_parser())

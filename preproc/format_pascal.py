@@ -16,6 +16,7 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 import datasets  # noqa: E402
+from preproc import report_formatted, run_script  # noqa: E402
 
 MAIN_DIR = Path("VOCdevkit", "VOC2012", "ImageSets", "Main")
 
@@ -83,15 +84,8 @@ def format_pascal(load_path: str | Path, save_path: str | Path) -> dict[str, tup
 
 
 def main(args: argparse.Namespace) -> None:
-    result = format_pascal(args.load_path, args.save_path)
-    for phase, (_, labels) in result.items():
-        print(datasets.label_summary(phase, labels))
-    print(f"wrote formatted files to {args.save_path}")
-    print(datasets.next_step_hint("pascal", args.save_path))
+    report_formatted("pascal", format_pascal(args.load_path, args.save_path), args.save_path)
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_script(main, get_args_parser())

@@ -19,6 +19,7 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 import datasets  # noqa: E402
+from preproc import run_script  # noqa: E402
 from fileio import atomic_save_npy  # noqa: E402
 
 
@@ -91,7 +92,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_script(main, get_args_parser())

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 import datasets  # noqa: E402
+from preproc import run_script  # noqa: E402
 from fileio import atomic_write, atomic_write_text  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle", "plus")
@@ -148,7 +149,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_script(main, get_args_parser())

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import datasets  # noqa: E402
+from preproc import run_script  # noqa: E402
 import models  # noqa: E402
 from fileio import atomic_save_npy  # noqa: E402
 
@@ -92,7 +93,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run_script(main, get_args_parser())
