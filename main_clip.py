@@ -378,7 +378,8 @@ def main(args: argparse.Namespace) -> dict:
     except (ValueError, FileNotFoundError) as error:
         raise RunError(str(error)) from error
     dist.barrier()  # every rank has checked the run folder before rank 0 writes to it
-    summary = _train(config, run_dir, setup)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = Run(config, run_dir, setup).train()
     if args.demo:
         print(DEMO_NOTICE)
     return summary
@@ -525,14 +526,17 @@ class Run:
         config, bench = self.config, self.benchmark
         if config["model"] == "clip_vision" and config["image_size"] == self.teacher.input_size:
             args = self.teacher_cache_args()
+            if self.teacher_embeddings is None:  # EM_PL already holds them; other losses read the cache
+                self.teacher_embeddings = self.official_embeddings("train", *args)
+            official_train, official_val = self.teacher_embeddings, self.official_embeddings("val", *args)
+            self.teacher.cpu()  # its work is cached: free the accelerator's memory for training
         else:
             self.model.eval()
             mean, std = input_normalization(config["model"])
             key = {"backbone": config["model"], "weights": models.weights_fingerprint(self.model.backbone),
                    "output": "pooled features"}
             args = (self.model.features, key, config["model"], config["image_size"], mean, std)
-        official_train = self.official_embeddings("train", *args)
-        official_val = self.official_embeddings("val", *args)
+            official_train, official_val = self.official_embeddings("train", *args), self.official_embeddings("val", *args)
         return {"train": official_train[bench.train_indices], "val": official_train[bench.val_indices],
                 "test": official_val}
 
@@ -728,11 +732,6 @@ class Run:
         dataset = loader.dataset
         logger.record_batch(indices, scores, dataset.clean[indices], dataset.observed[indices], loss_sum / count)
         logger.end_phase()
-
-
-def _train(config: dict, run_dir: Path, setup: Setup) -> dict:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return Run(config, run_dir, setup).train()
 
 
 def resume_command(config: dict) -> str:
