@@ -1,9 +1,11 @@
 """The loss family of DESIGN section 4, as pure tensor functions.
 
-Every ``*_matrix`` function returns the B x K loss matrix L of its DESIGN row (entries a loss
-does not mention are 0); ``compute_loss`` validates the inputs once and returns the batch loss
-``sum(L) / (B * K)``. Where masks of one loss overlap, later rules win, in the order the
-original code assigned them (e.g. for ``iun`` "true label 0" after "observed 1").
+Every loss but EM_PL_ASL is ``combine(preds, on_pos, on_neg, on_entropy)``, the B x K loss
+matrix L of its DESIGN row (entries a loss does not mention are 0), with coefficient matrices
+that depend on the labels only (``*_coefficients``); ``em_pl_asl_matrix`` gives EM_PL_ASL's L.
+``compute_loss`` validates the inputs once and returns the batch loss ``sum(L) / (B * K)``.
+Where masks of one loss overlap, later rules win, in the order the original code assigned them
+(e.g. for ``iun`` "true label 0" after "observed 1").
 
 Inputs: ``preds`` are probabilities (sigmoid already applied), ``observed`` is in [-1, 1]
 (+1 observed positive, 0 unobserved, -1 observed negative, values in (-1, 0) APL soft
@@ -54,42 +56,62 @@ def combine(preds: Tensor, on_pos: Tensor | float, on_neg: Tensor | float, on_en
     return loss
 
 
+def combine_logit_gradient(preds: Tensor, on_pos: Tensor | float, on_neg: Tensor | float,
+                           on_entropy: Tensor | float) -> Tensor:
+    """dL/dz, elementwise, of ``combine``'s L where preds = sigmoid(z): what autograd gives through
+    ``torch.sigmoid`` and ``combine``, written out for a training step without autograd.
+
+    With q = 1 - p and e the log epsilon, nl'(x) = -1/(x + e) and H = p*nl(p) + q*nl(q):
+    dL/dp = -on_pos/(p+e) + on_neg/(q+e) + on_entropy*(nl(p) - p/(p+e) - nl(q) + q/(q+e)),
+    and dp/dz = p*q.
+    """
+    q = 1.0 - preds
+    inv_pos, inv_neg = 1.0 / (preds + LOG_EPSILON), 1.0 / (q + LOG_EPSILON)
+    grad = on_neg * inv_neg - on_pos * inv_pos
+    if isinstance(on_entropy, Tensor) or on_entropy != 0:
+        grad = grad + on_entropy * (neg_log(preds) - neg_log(q) - preds * inv_pos + q * inv_neg)
+    return grad * (preds * q)
+
+
+Coefficients = tuple[Tensor | float, Tensor | float, Tensor | float]
+
+
 def _where(mask: Tensor, value: Tensor | float, otherwise: Tensor | float = 0.0) -> Tensor:
     """A coefficient matrix: ``value`` where ``mask``, else ``otherwise`` (labels only, no gradient)."""
     return torch.where(mask, value, otherwise)
 
 
-def bce_matrix(preds: Tensor, true: Tensor) -> Tensor:
+def bce_coefficients(true: Tensor) -> Coefficients:
     """Oracle BCE on clean labels: nl(p) where true = 1, nl(1-p) where true = 0."""
-    return combine(preds, _where(true == 1, 1.0), _where(true == 0, 1.0), 0.0)
+    return _where(true == 1, 1.0), _where(true == 0, 1.0), 0.0
 
 
-def an_matrix(preds: Tensor, observed: Tensor) -> Tensor:
+def an_coefficients(observed: Tensor) -> Coefficients:
     """Assume negative: nl(p) where o = 1, nl(1-p) where o = 0."""
-    return combine(preds, _where(observed == 1, 1.0), _where(observed == 0, 1.0), 0.0)
+    return _where(observed == 1, 1.0), _where(observed == 0, 1.0), 0.0
 
 
-def iun_matrix(preds: Tensor, observed: Tensor, true: Tensor) -> Tensor:
+def iun_coefficients(observed: Tensor, true: Tensor) -> Coefficients:
     """Oracle baseline: nl(p) where o = 1, nl(1-p) where the true label is 0 (which wins)."""
     true_negative = true == 0
-    return combine(preds, _where((observed == 1) & ~true_negative, 1.0), _where(true_negative, 1.0), 0.0)
+    return _where((observed == 1) & ~true_negative, 1.0), _where(true_negative, 1.0), 0.0
 
 
-def em_matrix(preds: Tensor, observed: Tensor, alpha: float) -> Tensor:
+def em_coefficients(observed: Tensor, alpha: float) -> Coefficients:
     """Entropy maximisation: nl(p) where o = 1, -alpha*H(p) where o = 0."""
-    return combine(preds, _where(observed == 1, 1.0), 0.0, _where(observed == 0, -alpha))
+    return _where(observed == 1, 1.0), 0.0, _where(observed == 0, -alpha)
 
 
-def em_apl_matrix(preds: Tensor, observed: Tensor, alpha: float, beta: float) -> Tensor:
+def em_apl_coefficients(observed: Tensor, alpha: float, beta: float) -> Coefficients:
     """EM plus APL soft negatives: where o < 0, s = -o, beta*(s*nl(p) + (1-s)*nl(1-p))."""
     soft = observed < 0
     on_pos = torch.where(soft, beta * -observed, _where(observed == 1, 1.0))
     on_neg = torch.where(soft, beta * (1.0 + observed), torch.zeros_like(observed))
-    return combine(preds, on_pos, on_neg, _where(observed == 0, -alpha))
+    return on_pos, on_neg, _where(observed == 0, -alpha)
 
 
-def em_pl_matrix(preds: Tensor, observed: Tensor, pseudo: Tensor, alpha: float,
-                 beta_pos: float, beta_neg: float) -> Tensor:
+def em_pl_coefficients(observed: Tensor, pseudo: Tensor, alpha: float, beta_pos: float,
+                       beta_neg: float) -> Coefficients:
     """VLPL after warm-up, with f = q where o = 0 else o.
 
     nl(p) where o = 1; -alpha*H(p) where f = 0; beta_pos*(0.9*nl(p) + 0.1*nl(1-p)) where o = 0
@@ -101,7 +123,7 @@ def em_pl_matrix(preds: Tensor, observed: Tensor, pseudo: Tensor, alpha: float,
     keep, smooth = 1.0 - PSEUDO_SMOOTHING, PSEUDO_SMOOTHING
     on_pos = _where(observed == 1, 1.0, _where(pseudo_pos, beta_pos * keep, _where(pseudo_neg, beta_neg * smooth)))
     on_neg = _where(pseudo_pos, beta_pos * smooth, _where(pseudo_neg, beta_neg * keep))
-    return combine(preds, on_pos, on_neg, _where(unobserved & (pseudo == 0), -alpha))
+    return on_pos, on_neg, _where(unobserved & (pseudo == 0), -alpha)
 
 
 def em_pl_asl_matrix(preds: Tensor, observed: Tensor, pseudo: Tensor, gamma_pos: float,
@@ -152,29 +174,53 @@ def _check_range(name: str, tensor: Tensor, low: float, high: float, shape,
     return (low_value >= low) & (high_value <= high)
 
 
-def loss_matrix(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: int = 1,
-                pseudo: Tensor | None = None, true: Tensor | None = None) -> Tensor:
-    """The B x K loss matrix of loss ``name`` (no input validation; see ``compute_loss``)."""
+def loss_coefficients(name: str, observed: Tensor, hp: Any, *, epoch: int = 1,
+                      pseudo: Tensor | None = None, true: Tensor | None = None) -> Coefficients | None:
+    """``combine``'s (on_pos, on_neg, on_entropy) for loss ``name``, or None where the loss is not
+    of that form (EM_PL_ASL after its warm-up). No input validation (see ``compute_loss``).
+
+    They depend on the labels only, so a training loop whose labels change only between epochs
+    can compute them once per epoch for the whole training set and index the batch's rows.
+    """
     if name == "bce":
-        return bce_matrix(preds, true)
+        return bce_coefficients(true)
     if name == "an":
-        return an_matrix(preds, observed)
+        return an_coefficients(observed)
     if name == "iun":
-        return iun_matrix(preds, observed, true)
+        return iun_coefficients(observed, true)
     if name == "EM":
-        return em_matrix(preds, observed, _hp(hp, "alpha"))
+        return em_coefficients(observed, _hp(hp, "alpha"))
     if name == "EM_APL":
-        return em_apl_matrix(preds, observed, _hp(hp, "alpha"), _hp(hp, "beta"))
+        return em_apl_coefficients(observed, _hp(hp, "alpha"), _hp(hp, "beta"))
     if name in LOSSES_NEEDING_PSEUDO:
         # Warm-up (epoch <= warmup_epoch) trains with plain EM; the default warmup_epoch 0 never warms up.
         if epoch <= _hp(hp, "warmup_epoch"):
-            return em_matrix(preds, observed, _hp(hp, "alpha"))
+            return em_coefficients(observed, _hp(hp, "alpha"))
         if name == "EM_PL":
-            return em_pl_matrix(preds, observed, pseudo, _hp(hp, "alpha"), _hp(hp, "beta_pos"),
-                                _hp(hp, "beta_neg"))
-        return em_pl_asl_matrix(preds, observed, pseudo, _hp(hp, "gamma_pos"), _hp(hp, "gamma_neg"),
-                                _hp(hp, "gamma_unknown"))
+            return em_pl_coefficients(observed, pseudo, _hp(hp, "alpha"), _hp(hp, "beta_pos"), _hp(hp, "beta_neg"))
+        return None
     raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
+
+
+def coefficient_rows(coefficients: Coefficients, index: Tensor | slice) -> Coefficients:
+    """The rows ``index`` of coefficients computed for a whole label matrix (scalars stay scalars)."""
+    return tuple(c[index] if isinstance(c, Tensor) else c for c in coefficients)
+
+
+def loss_matrix(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: int = 1,
+                pseudo: Tensor | None = None, true: Tensor | None = None) -> Tensor:
+    """The B x K loss matrix of loss ``name`` (no input validation; see ``compute_loss``)."""
+    coefficients = loss_coefficients(name, observed, hp, epoch=epoch, pseudo=pseudo, true=true)
+    if coefficients is not None:
+        return combine(preds, *coefficients)
+    return em_pl_asl_matrix(preds, observed, pseudo, _hp(hp, "gamma_pos"), _hp(hp, "gamma_neg"),
+                            _hp(hp, "gamma_unknown"))
+
+
+def mean_loss(matrix: Tensor) -> Tensor:
+    """The batch loss sum(L) / (B*K) of a B x K loss matrix."""
+    batch_size, num_classes = matrix.shape
+    return matrix.sum() / max(batch_size * num_classes, 1)
 
 
 def compute_loss(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: int = 1,
@@ -212,6 +258,4 @@ def compute_loss(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: 
     if check_values and not bool(torch.stack(list(checks.values())).all()):
         failed = [message for message, ok in checks.items() if not bool(ok)]
         raise ValueError(f"compute_loss ({name}): {'; '.join(failed)}")
-    loss = loss_matrix(name, preds, observed, hp, epoch=epoch, pseudo=pseudo, true=true)
-    batch_size, num_classes = preds.shape
-    return loss.sum() / max(batch_size * num_classes, 1)
+    return mean_loss(loss_matrix(name, preds, observed, hp, epoch=epoch, pseudo=pseudo, true=true))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import sys
@@ -264,14 +265,14 @@ def prepare_run_dir(config: dict) -> Path:
     return run_dir
 
 
-def make_loader(dataset, batch_size: int, num_workers: int, sampler=None) -> DataLoader:
+def make_loader(dataset, batch_size: int, num_workers: int, sampler=None) -> DataLoader | datasets.FeatureBatches:
     """Loader in ``sampler``'s order (the train phase's AugmentationSampler; a rank's share of
-    the indices under torchrun), else in dataset order."""
-    features = isinstance(dataset, datasets.FeatureDataset)
-    workers = 0 if features else num_workers  # cached features are already in memory
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=datasets.FeatureDataset.collate if features else None,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    the indices under torchrun), else in dataset order. Cached features are already in memory:
+    they are batched in place, without worker processes."""
+    if isinstance(dataset, datasets.FeatureDataset):
+        return datasets.FeatureBatches(dataset, batch_size, sampler)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
 
 def autocast(amp: str, device: torch.device):
@@ -297,6 +298,56 @@ def train_step(net, optimizer, scaler, inputs, loss_of, amp_context) -> tuple[to
     scaler.step(optimizer)
     scaler.update()
     return preds, loss
+
+
+@torch.no_grad()
+def head_train_step(head: torch.nn.Linear, optimizer, features: torch.Tensor, coefficients: losses.Coefficients,
+                    preds_out: torch.Tensor | None = None) -> torch.Tensor:
+    """One Adam step of a linear head on a batch of cached features, for a loss of
+    ``losses.combine``'s form (the batch's rows of its coefficients), with the gradient written
+    out instead of autograd's; returns the batch's predictions (into ``preds_out`` if given).
+
+    A head-only step is a few microseconds of arithmetic: autograd's bookkeeping would be most of
+    it. Weights, gradients and predictions equal ``train_step``'s to float precision
+    (tests/test_train_modes.py). The loss value is left to the caller (``train_head_epoch``).
+    """
+    preds = torch.sigmoid(torch.addmm(head.bias, features, head.weight.t()), out=preds_out)
+    grad_logits = losses.combine_logit_gradient(preds, *coefficients) / max(preds.numel(), 1)
+    for param in (head.weight, head.bias):
+        if param.grad is None:
+            param.grad = torch.empty_like(param)
+    # weight.grad = G^T x, written as (x^T G)^T into its storage: MKL's threaded kernel for the
+    # other operand order is several times slower at these shapes (80 x 8 x 768, 2 threads).
+    torch.mm(features.t(), grad_logits, out=head.weight.grad.t())
+    torch.sum(grad_logits, dim=0, out=head.bias.grad)
+    optimizer.step()
+    return preds
+
+
+@torch.no_grad()
+def train_head_epoch(head: torch.nn.Linear, optimizer, features: torch.Tensor, coefficients: losses.Coefficients,
+                     batch_size: int, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of ``head_train_step`` over ``features`` and their ``coefficients`` rows, already
+    in the epoch's order, in batches of ``batch_size``. Returns (predictions, per-row loss sums).
+
+    The batch losses are computed after the epoch, from the predictions each step made (what a
+    per-step loss would have seen), in one vectorised pass: sum(L_b) / (B*K) per batch b.
+    ``progress(done)`` is called after each step (a progress bar).
+    """
+    preds = torch.empty(len(features), head.out_features, dtype=features.dtype, device=features.device)
+    # A step's matrices are too small to share between CPU threads: waking a second one costs more
+    # than it saves, and on a shared machine it waits for a busy core. One thread for the loop.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for start in range(0, len(features), batch_size):
+            rows = slice(start, start + batch_size)
+            head_train_step(head, optimizer, features[rows], losses.coefficient_rows(coefficients, rows), preds[rows])
+            if progress is not None:
+                progress(1)
+    finally:
+        torch.set_num_threads(threads)
+    return preds, losses.combine(preds, *coefficients).sum(dim=1, dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -433,6 +484,10 @@ def total_epochs(config: dict) -> int:
     return config["epochs"] + (config["head_epochs"] if config["train_mode"] == "linear_init" else 0)
 
 
+def convolutional(backbone: str) -> bool:
+    return backbone != "clip_vision"
+
+
 def input_normalization(backbone: str) -> tuple[tuple, tuple]:
     """CLIP's own statistics for the CLIP tower, ImageNet's for the others."""
     if backbone == "clip_vision":
@@ -476,7 +531,9 @@ class Run:
             model = models.build_model(config["model"], self.num_classes, backbone_weights=config["backbone_weights"],
                                        clip_model=clip_model, tiny=config["tiny_models"])
         self.model = model.to(self.device)
-        if self.device.type == "cuda" and config["model"] != "clip_vision":
+        if convolutional(config["model"]):
+            # channels_last: the faster layout for convolutions, with cuDNN and with oneDNN on CPUs
+            # (about 1.3x per ResNet-50 training step on a 2-core CPU, bench/epoch_cost.py).
             self.model = self.model.to(memory_format=torch.channels_last)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config["amp"] == "fp16")
         self.train_observed = torch.tensor(self.benchmark.train.labels_obs, dtype=torch.float32)
@@ -693,45 +750,84 @@ class Run:
             self.model.backbone.eval()
         logger.begin_phase("train", epoch, len(loader.dataset), self.num_classes)
         self.check_labels()
+        # Every loss but EM_PL_ASL weighs nl(p), nl(1-p) and H(p) by label-only coefficients: they are
+        # computed here once for the whole training set (labels change only between epochs, by APL)
+        # and each step takes its batch's rows. Online pseudo-labels change per batch: per-batch loss.
+        coefficients = None if self.online else losses.loss_coefficients(
+            config["loss"], self.train_observed.to(device), self.hp, epoch=epoch,
+            pseudo=self.pseudo_train.to(device) if self.pseudo_train is not None else None,
+            true=loader.dataset.clean.to(device))
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch} train", mininterval=3.0, dynamic_ncols=True,
+                   disable=not self.dist.is_main)
+        # The head alone, in float32 and one process: its steps can skip autograd and the loader.
+        if stage.name == "head" and coefficients is not None and config["amp"] == "none" and not self.dist.enabled:
+            order = loader.order()
+            preds, row_losses = train_head_epoch(stage.net, stage.optimizer, loader.dataset.features[order].to(device),
+                                                 losses.coefficient_rows(coefficients, order.to(device)),
+                                                 config["bsize"], bar.update)
+            batch_losses = torch.stack([rows.sum() for rows in row_losses.split(config["bsize"])]) / self.num_classes
+            for batch_number, batch_loss in enumerate(batch_losses.tolist(), start=1):
+                if not math.isfinite(batch_loss):
+                    raise non_finite_loss(f"non-finite loss ({batch_loss})", epoch, batch_number)
+            indices, scores, loss_sum, seen = order, preds.cpu(), float(batch_losses.sum()), len(order)
+        else:
+            indices, scores, loss_sum, seen = self.train_batches(epoch, stage, coefficients, bar)
+        bar.close()
+        indices, scores = self.dist.gather_rows(indices.numpy(), scores.numpy())
+        loss_sum, count = self.dist.sum([loss_sum, seen])
+        dataset = loader.dataset
+        logger.record_batch(indices, scores, dataset.clean[indices], dataset.observed[indices], loss_sum / count)
+        logger.end_phase()
+
+    def train_batches(self, epoch: int, stage: Stage, coefficients: losses.Coefficients | None,
+                      bar) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+        """The train phase's steps, a loader batch at a time (train_step): (indices, predictions,
+        sum of batch loss x batch size, rows seen)."""
+        config, device = self.config, self.device
+        loader = stage.loaders["train"]
         amp_context = autocast(config["amp"], device)
-        channels_last = device.type == "cuda" and stage.name == "end_to_end" and config["model"] != "clip_vision"
+        channels_last = stage.name == "end_to_end" and convolutional(config["model"])
         running, seen = 0.0, 0
-        seen_indices, seen_preds, batch_losses = [], [], []
-        bar = tqdm(loader, desc=f"epoch {epoch} train", mininterval=3.0, dynamic_ncols=True, disable=not self.dist.is_main)
-        for batch_number, batch in enumerate(bar, start=1):
+        seen_indices, seen_preds = [], []
+        for batch_number, batch in enumerate(loader, start=1):
             index = torch.as_tensor(batch["index"])
             inputs = batch["image"].to(device, non_blocking=True)
             if channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
-            observed = self.train_observed[index].to(device)
-            pseudo = self.pseudo_train[index].to(device) if self.pseudo_train is not None else None
-            if self.online:
-                embeddings = self.teacher.embed(batch["teacher_image"].to(device, non_blocking=True))
-                pseudo, _ = models.pseudo_labels_from_embeddings(embeddings, self.setup.text_features.to(device),
-                                                                 config["temp"], config["threshold"], config["partial"])
-            true = batch["clean"].to(device, non_blocking=True)
+            if coefficients is not None:
+                batch_coefficients = losses.coefficient_rows(coefficients, index.to(device, non_blocking=True))
 
-            def loss_of(preds):
-                # Label values were checked once (check_labels); preds come from a sigmoid.
-                return losses.compute_loss(config["loss"], preds, observed, self.hp, epoch=epoch, pseudo=pseudo,
-                                           true=true, check_values=False)
+                def loss_of(preds):
+                    return losses.mean_loss(losses.combine(preds, *batch_coefficients))
+            else:
+                observed = self.train_observed[index].to(device)
+                pseudo = self.pseudo_train[index].to(device) if self.pseudo_train is not None else None
+                if self.online:
+                    embeddings = self.teacher.embed(batch["teacher_image"].to(device, non_blocking=True))
+                    pseudo, _ = models.pseudo_labels_from_embeddings(
+                        embeddings, self.setup.text_features.to(device), config["temp"], config["threshold"],
+                        config["partial"])
+                true = loader.dataset.clean[index].to(device, non_blocking=True)
+
+                def loss_of(preds):
+                    # Label values were checked once (check_labels); preds come from a sigmoid.
+                    return losses.compute_loss(config["loss"], preds, observed, self.hp, epoch=epoch,
+                                               pseudo=pseudo, true=true, check_values=False)
             try:
                 preds, loss = train_step(stage.train_net, stage.optimizer, self.scaler, inputs, loss_of, amp_context)
             except FloatingPointError as error:
-                raise RunError(f"{error} at epoch {epoch}, batch {batch_number}; "
-                               f"last.pt keeps the state after epoch {epoch - 1}") from error
-            loss_value = loss.item()
-            running += loss_value * len(index)
+                raise non_finite_loss(str(error), epoch, batch_number) from error
+            running += loss.item() * len(index)
             seen += len(index)
+            bar.update(1)
             bar.set_postfix(loss=f"{running / seen:.4f}", refresh=False)
             seen_indices.append(index)
             seen_preds.append(preds.detach().cpu())
-            batch_losses.append(loss_value * len(index))
-        indices, scores = self.dist.gather_rows(torch.cat(seen_indices).numpy(), torch.cat(seen_preds).numpy())
-        loss_sum, count = self.dist.sum([sum(batch_losses), seen])
-        dataset = loader.dataset
-        logger.record_batch(indices, scores, dataset.clean[indices], dataset.observed[indices], loss_sum / count)
-        logger.end_phase()
+        return torch.cat(seen_indices), torch.cat(seen_preds), running, seen
+
+
+def non_finite_loss(what: str, epoch: int, batch_number: int) -> RunError:
+    return RunError(f"{what} at epoch {epoch}, batch {batch_number}; last.pt keeps the state after epoch {epoch - 1}")
 
 
 def resume_command(config: dict) -> str:

@@ -216,3 +216,36 @@ def test_datasets_check_files_at_construction(tmp_path):
     with pytest.raises(ValueError, match="must be N x K"):
         datasets.MultiLabelDataset(paths[:2], splits.train.labels_obs, splits.train.labels, 8,
                                    True)
+
+
+@pytest.mark.parametrize("sampler_kind", ["none", "range", "augmentation"])
+def test_feature_batches_match_a_dataloader(sampler_kind):
+    """FeatureBatches yields what a DataLoader over the same sampler yields (the short last batch too)."""
+    rng = np.random.default_rng(0)
+    dataset = datasets.FeatureDataset(rng.standard_normal((23, 5)), rng.integers(-1, 2, (23, 4)),
+                                      rng.integers(0, 2, (23, 4)))
+
+    def sampler():
+        if sampler_kind == "range":
+            return range(1, 23, 2)  # one rank's share under torchrun
+        if sampler_kind == "augmentation":
+            return datasets.AugmentationSampler(23, torch.Generator().manual_seed(4), rank=1, world_size=2)
+        return None
+
+    batches = list(datasets.FeatureBatches(dataset, 4, sampler()))
+    reference = list(torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler()))
+    assert len(batches) == len(reference) == len(datasets.FeatureBatches(dataset, 4, sampler()))
+    for got, expected in zip(batches, reference):
+        assert set(got) == {"image", "index"}
+        for key in got:
+            assert torch.equal(torch.as_tensor(got[key]), expected[key]), key
+    if sampler_kind == "augmentation":
+        order, _ = datasets.AugmentationSampler(23, torch.Generator().manual_seed(4), rank=1, world_size=2).draw()
+        assert torch.equal(torch.cat([b["index"] for b in batches]), order)
+
+
+def test_feature_dataset_rejects_mismatched_rows():
+    with pytest.raises(ValueError, match="same number of rows"):
+        datasets.FeatureDataset(np.zeros((3, 2)), np.zeros((4, 2)), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="batch_size"):
+        datasets.FeatureBatches(datasets.FeatureDataset(np.zeros((3, 2)), np.zeros((3, 2)), np.zeros((3, 2))), 0)

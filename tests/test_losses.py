@@ -217,3 +217,42 @@ def test_missing_hyperparameter_is_named():
     preds, observed, _, _ = random_batch(0)
     with pytest.raises(ValueError, match="'alpha'"):
         losses.compute_loss("EM", preds, observed, SimpleNamespace(beta=1.0))
+
+
+COMBINE_FORM = [name for name in losses.LOSS_NAMES if name != "EM_PL_ASL"]
+
+
+@pytest.mark.parametrize("name", COMBINE_FORM + ["EM_PL_ASL"])
+@pytest.mark.parametrize("epoch", [1, 5])
+def test_coefficients_give_the_loss_matrix(name, epoch):
+    preds, observed, pseudo, true = random_batch(7, soft_negatives=True)
+    true = consistent_true(observed, true)
+    coefficients = losses.loss_coefficients(name, observed, HP, epoch=epoch, pseudo=pseudo, true=true)
+    if name == "EM_PL_ASL" and epoch > HP.warmup_epoch:
+        assert coefficients is None  # not of combine's form: loss_matrix takes its own path
+        return
+    got = losses.mean_loss(losses.combine(preds, *coefficients))
+    assert abs(float(got) - reference_loss(name, preds, observed, pseudo, true, HP, epoch)) < 1e-6
+
+
+def test_coefficient_rows_index_tensors_and_keep_scalars():
+    preds, observed, pseudo, true = random_batch(8)
+    on_pos, on_neg, on_entropy = losses.coefficient_rows(losses.an_coefficients(observed), torch.tensor([4, 1]))
+    assert torch.equal(on_pos, (observed[[4, 1]] == 1).double()) and torch.equal(on_neg, (observed[[4, 1]] == 0).double())
+    assert on_entropy == 0.0
+
+
+@pytest.mark.parametrize("name", COMBINE_FORM)
+def test_written_out_logit_gradient_equals_autograd(name):
+    """combine_logit_gradient against autograd through sigmoid and combine, saturated logits included."""
+    preds, observed, pseudo, true = random_batch(9, soft_negatives=name == "EM_APL")
+    true = consistent_true(observed, true)
+    logits = torch.logit(preds.clamp(0.02, 0.98)).requires_grad_()
+    with torch.no_grad():
+        logits[0, :4] = torch.tensor([-60.0, 60.0, 0.0, 8.0])  # saturated: p within 1e-26 of 0 and of 1
+    coefficients = losses.loss_coefficients(name, observed, HP, epoch=5, pseudo=pseudo, true=true)
+    loss = losses.combine(torch.sigmoid(logits), *coefficients).sum()
+    (expected,) = torch.autograd.grad(loss, logits)
+    got = losses.combine_logit_gradient(torch.sigmoid(logits.detach()), *coefficients)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert got.abs().max() > 0
