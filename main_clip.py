@@ -14,7 +14,8 @@ improves (the reported test mAP is that of the best val epoch, as in the origina
 
 Reading order: the flags and their per-dataset defaults (``get_args_parser``,
 ``resolve_config``); the checks made before anything is written (``prepare_run_dir``,
-``_setup``); one optimisation step (``train_step``) and evaluation (``predict``); then ``Run``,
+``_setup``); one optimisation step (``train_step``; ``head_train_step`` and ``train_head_epoch``
+for the head alone on cached features) and evaluation (``predict``); then ``Run``,
 which owns the model, the label state (APL), the caches, the stages (end to end on images, or
 the head on cached features for ``--train-mode``), the checkpoints and the epoch loop.
 Under torchrun, ``Distributed`` shards the data and gathers predictions; nothing else changes.
@@ -742,6 +743,19 @@ class Run:
         within("observed training labels", self.train_observed, -1, 1)
         within("pseudo-labels", self.pseudo_train, -1, 1)
 
+    def epoch_loss_coefficients(self, epoch: int, train_clean: torch.Tensor) -> losses.Coefficients | None:
+        """The loss's label-only coefficients (``losses.loss_coefficients``) for the whole training
+        set, or None (EM_PL_ASL, or online pseudo-labels, which change per batch).
+
+        Labels change only between epochs (APL), so one computation serves every step of an epoch,
+        each taking its batch's rows.
+        """
+        if self.online:
+            return None
+        pseudo = self.pseudo_train.to(self.device) if self.pseudo_train is not None else None
+        return losses.loss_coefficients(self.config["loss"], self.train_observed.to(self.device), self.hp,
+                                         epoch=epoch, pseudo=pseudo, true=train_clean.to(self.device))
+
     def train_phase(self, epoch: int, stage: Stage) -> None:
         config, device, logger = self.config, self.device, self.logger
         loader = stage.loaders["train"]
@@ -750,34 +764,35 @@ class Run:
             self.model.backbone.eval()
         logger.begin_phase("train", epoch, len(loader.dataset), self.num_classes)
         self.check_labels()
-        # Every loss but EM_PL_ASL weighs nl(p), nl(1-p) and H(p) by label-only coefficients: they are
-        # computed here once for the whole training set (labels change only between epochs, by APL)
-        # and each step takes its batch's rows. Online pseudo-labels change per batch: per-batch loss.
-        coefficients = None if self.online else losses.loss_coefficients(
-            config["loss"], self.train_observed.to(device), self.hp, epoch=epoch,
-            pseudo=self.pseudo_train.to(device) if self.pseudo_train is not None else None,
-            true=loader.dataset.clean.to(device))
+        coefficients = self.epoch_loss_coefficients(epoch, loader.dataset.clean)
         bar = tqdm(total=len(loader), desc=f"epoch {epoch} train", mininterval=3.0, dynamic_ncols=True,
                    disable=not self.dist.is_main)
         # The head alone, in float32 and one process: its steps can skip autograd and the loader.
-        if stage.name == "head" and coefficients is not None and config["amp"] == "none" and not self.dist.enabled:
-            order = loader.order()
-            preds, row_losses = train_head_epoch(stage.net, stage.optimizer, loader.dataset.features[order].to(device),
-                                                 losses.coefficient_rows(coefficients, order.to(device)),
-                                                 config["bsize"], bar.update)
-            batch_losses = torch.stack([rows.sum() for rows in row_losses.split(config["bsize"])]) / self.num_classes
-            for batch_number, batch_loss in enumerate(batch_losses.tolist(), start=1):
-                if not math.isfinite(batch_loss):
-                    raise non_finite_loss(f"non-finite loss ({batch_loss})", epoch, batch_number)
-            indices, scores, loss_sum, seen = order, preds.cpu(), float(batch_losses.sum()), len(order)
-        else:
-            indices, scores, loss_sum, seen = self.train_batches(epoch, stage, coefficients, bar)
+        head_only = stage.name == "head" and coefficients is not None and config["amp"] == "none" \
+            and not self.dist.enabled
+        steps = self.train_head_batches if head_only else self.train_batches
+        indices, scores, loss_sum, seen = steps(epoch, stage, coefficients, bar)
         bar.close()
         indices, scores = self.dist.gather_rows(indices.numpy(), scores.numpy())
         loss_sum, count = self.dist.sum([loss_sum, seen])
         dataset = loader.dataset
         logger.record_batch(indices, scores, dataset.clean[indices], dataset.observed[indices], loss_sum / count)
         logger.end_phase()
+
+    def train_head_batches(self, epoch: int, stage: Stage, coefficients: losses.Coefficients,
+                           bar) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+        """``train_batches`` for the head on cached features: the epoch's rows in the sampler's
+        order, straight from memory, through ``train_head_epoch``."""
+        loader, batch_size = stage.loaders["train"], self.config["bsize"]
+        order = loader.order()
+        preds, row_losses = train_head_epoch(stage.net, stage.optimizer, loader.dataset.features[order].to(self.device),
+                                             losses.coefficient_rows(coefficients, order.to(self.device)),
+                                             batch_size, bar.update)
+        batch_losses = torch.stack([rows.sum() for rows in row_losses.split(batch_size)]) / self.num_classes
+        for batch_number, batch_loss in enumerate(batch_losses.tolist(), start=1):
+            if not math.isfinite(batch_loss):
+                raise non_finite_loss(f"non-finite loss ({batch_loss})", epoch, batch_number)
+        return order, preds.cpu(), float(batch_losses.sum()), len(order)
 
     def train_batches(self, epoch: int, stage: Stage, coefficients: losses.Coefficients | None,
                       bar) -> tuple[torch.Tensor, torch.Tensor, float, int]:

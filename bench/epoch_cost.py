@@ -232,6 +232,8 @@ def warm_up(teacher: models.Teacher, model: str, tiny: bool, num_classes: int, b
     student = models.build_model(model, num_classes, tiny=tiny, pretrained=False,
                                  clip_model=teacher.clip_model if model == "clip_vision" else None)
     size = student.input_size
+    if main_clip.convolutional(model):  # the layout Run trains in
+        student = student.to(memory_format=torch.channels_last)
     student(torch.zeros(min(batch, 2), 3, size, size)).sum().backward()
 
 

@@ -5,7 +5,11 @@ Synthetic cached features stand in for the backbone pass (82,081 official train 
 selection are main_clip's own. Prints the wall time of 10 epochs, each with its val phase and,
 to be conservative, a test phase (``--test-every-epoch``).
 
-    python bench/frozen_head.py [--epochs 10] [--loss EM_PL] [--bsize 8]
+Then, on the same run state, one more epoch's steps twice, as a baseline: through the general
+loop (``Run.train_batches``: loader batches, autograd, ``train_step``), and through the head-only
+path that the run used (``Run.train_head_batches``), and the ratio of the two.
+
+    python bench/frozen_head.py [--epochs 10] [--loss EM_PL] [--bsize 8] [--no-baseline]
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,6 +46,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--loss", default="EM_PL", choices=main_clip.losses.LOSS_NAMES)
     parser.add_argument("--bsize", type=int, default=8, help="batch size (COCO's default is 8)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the one-epoch comparison with the general loop")
     args = parser.parse_args()
 
     rng = np.random.RandomState(0)
@@ -72,11 +78,24 @@ def main() -> None:
             run.save_last(epoch, stage)
         summary = run.logger.finish(config)
         elapsed = time.perf_counter() - start
+        if not args.no_baseline:
+            steps = {}
+            for name, train in (("general loop (autograd)", run.train_batches), ("head-only path", run.train_head_batches)):
+                coefficients = run.epoch_loss_coefficients(config["epochs"] + 1, stage.loaders["train"].dataset.clean)
+                stage.net.train()
+                with tqdm(total=len(stage.loaders["train"]), disable=True) as bar:
+                    begin = time.perf_counter()
+                    train(config["epochs"] + 1, stage, coefficients, bar)
+                    steps[name] = time.perf_counter() - begin
     print(f"linear_fixed_features, {args.loss}: {len(bench.train)} train / {len(bench.val)} val / {len(test)} test "
           f"rows x {DIM} features, {NUM_CLASSES} classes, batch {config['bsize']}")
     print(f"{config['epochs']} epochs with val and test every epoch: {elapsed:.1f} s "
           f"({elapsed / config['epochs']:.2f} s per epoch); best epoch {summary['best_epoch']}, "
           f"test mAP {summary['best_test_map']:.2f}")
+    if not args.no_baseline:
+        print("one more epoch's training steps, the same run state: "
+              + "; ".join(f"{name} {seconds:.1f} s" for name, seconds in steps.items())
+              + f" -> {steps['general loop (autograd)'] / steps['head-only path']:.1f}x")
 
 
 if __name__ == "__main__":

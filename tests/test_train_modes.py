@@ -238,3 +238,17 @@ def test_head_run_equals_the_autograd_run(demo_root, tmp_path, monkeypatch):
         # per-step losses; the train mAP comes from the same predictions.
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["loss"] != 0
         assert a["clean"]["map"] == pytest.approx(b["clean"]["map"], abs=1e-3)
+
+
+def test_head_path_names_the_first_non_finite_batch(demo_root, tmp_path):
+    run = make_run(demo_root, tmp_path, "--train-mode", "linear_fixed_features")
+    features = run.backbone_features()
+    bad_row = 37
+    features["train"][bad_row] = float("nan")
+    stage = run.build_stage("head", features=features)
+    epoch = 1
+    order, _ = datasets.AugmentationSampler(len(features["train"]), torch.Generator().manual_seed(
+        run.config["seed"] * 100_003 + epoch)).draw()
+    expected_batch = int((order == bad_row).nonzero()) // run.config["bsize"] + 1
+    with pytest.raises(main_clip.RunError, match=f"non-finite loss \\(nan\\) at epoch 1, batch {expected_batch};"):
+        run.run_epoch(epoch, stage)
