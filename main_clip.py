@@ -788,7 +788,9 @@ class Run:
         preds, row_losses = train_head_epoch(stage.net, stage.optimizer, loader.dataset.features[order].to(self.device),
                                              losses.coefficient_rows(coefficients, order.to(self.device)),
                                              batch_size, bar.update)
-        batch_losses = torch.stack([rows.sum() for rows in row_losses.split(batch_size)]) / self.num_classes
+        batch_of_row = torch.arange(len(row_losses), device=row_losses.device) // batch_size
+        batch_losses = torch.zeros(len(loader), dtype=row_losses.dtype, device=row_losses.device).index_add_(
+            0, batch_of_row, row_losses) / self.num_classes  # sum(L_b) / K: batch b's loss x its size
         for batch_number, batch_loss in enumerate(batch_losses.tolist(), start=1):
             if not math.isfinite(batch_loss):
                 raise non_finite_loss(f"non-finite loss ({batch_loss})", epoch, batch_number)
