@@ -534,7 +534,7 @@ class Run:
         self.model = model.to(self.device)
         if convolutional(config["model"]):
             # channels_last: the faster layout for convolutions, with cuDNN and with oneDNN on CPUs
-            # (about 1.3x per ResNet-50 training step on a 2-core CPU, bench/epoch_cost.py).
+            # (1.26x per ResNet-50 training step on a 2-core CPU, bench/channels_last.py).
             self.model = self.model.to(memory_format=torch.channels_last)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config["amp"] == "fp16")
         self.train_observed = torch.tensor(self.benchmark.train.labels_obs, dtype=torch.float32)
