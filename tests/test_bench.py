@@ -1,4 +1,4 @@
-"""bench/epoch_cost.py runs end to end (tiny models: a smoke test, not a measurement)."""
+"""The bench/ scripts run end to end (tiny models: smoke tests, not measurements)."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,9 +12,9 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def load_bench():
-    path = Path(__file__).resolve().parent.parent / "bench" / "epoch_cost.py"
-    spec = importlib.util.spec_from_file_location("epoch_cost", path)
+def load_bench(name: str = "epoch_cost"):
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -41,3 +41,16 @@ def test_epoch_cost_rejects_bad_sizes():
         bench.main(["--tiny", "--num-train", "0"])
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--test-epochs", "11"])
+
+
+def test_channels_last_smoke(capsys):
+    result = load_bench("channels_last").main(["--tiny", "--batch-size", "2", "--repeats", "1"])
+    assert set(result) == {"contiguous", "channels_last"}
+    assert all(result[layout][phase] > 0 for layout in result for phase in ("train", "eval"))
+    out = capsys.readouterr().out
+    assert "train step: contiguous" in out and "eval  step: contiguous" in out and "x" in out.splitlines()[-1]
+
+
+def test_channels_last_rejects_bad_sizes():
+    with pytest.raises(SystemExit):
+        load_bench("channels_last").main(["--tiny", "--repeats", "0"])
