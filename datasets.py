@@ -508,8 +508,9 @@ class FeatureBatches:
     """Batches of a ``FeatureDataset`` in a sampler's order, straight from memory.
 
     What a DataLoader over the same sampler yields (``.dataset``, ``len``, the same "image" and
-    "index" batches, the last one possibly short), without its per-item machinery: a head-only epoch over COCO is
-    8,000+ steps of a few microseconds of arithmetic each, where that machinery would dominate.
+    "index" batches, the last one possibly short), without its per-item machinery: a head-only
+    epoch over COCO is 8,000+ steps of a few microseconds of arithmetic each, where that machinery
+    would dominate.
     ``sampler``: an ``AugmentationSampler`` (its flips are ignored: features have none), any
     iterable of indices, or None for dataset order.
     """

@@ -317,9 +317,7 @@ def head_train_step(head: torch.nn.Linear, optimizer, features: torch.Tensor, co
     for param in (head.weight, head.bias):
         if param.grad is None:
             param.grad = torch.empty_like(param)
-    # weight.grad = G^T x, written as (x^T G)^T into its storage: MKL's threaded kernel for the
-    # other operand order is several times slower at these shapes (80 x 8 x 768, 2 threads).
-    torch.mm(features.t(), grad_logits, out=head.weight.grad.t())
+    torch.mm(grad_logits.t(), features, out=head.weight.grad)
     torch.sum(grad_logits, dim=0, out=head.bias.grad)
     optimizer.step()
     return preds

@@ -80,8 +80,8 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         if not args.no_baseline:
             steps = {}
+            coefficients = run.epoch_loss_coefficients(config["epochs"] + 1, stage.loaders["train"].dataset.clean)
             for name, train in (("general loop (autograd)", run.train_batches), ("head-only path", run.train_head_batches)):
-                coefficients = run.epoch_loss_coefficients(config["epochs"] + 1, stage.loaders["train"].dataset.clean)
                 stage.net.train()
                 with tqdm(total=len(stage.loaders["train"]), disable=True) as bar:
                     begin = time.perf_counter()
