@@ -52,7 +52,8 @@ COCO_CLASS_NAMES = (
     "teddy bear", "hair drier", "toothbrush",
 )
 
-# NUS-WIDE Concepts81 in the official (alphabetical) order used by the pre-formatted files.
+# NUS-WIDE Concepts81 in the official (alphabetical) order used by the pre-formatted files;
+# preproc/format_nuswide.py refuses a Concepts81.txt that differs from it.
 NUSWIDE_CLASS_NAMES = (
     "airport", "animal", "beach", "bear", "birds", "boats", "book", "bridge", "buildings", "cars",
     "castle", "cat", "cityscape", "clouds", "computer", "coral", "cow", "dancing", "dog",
@@ -170,9 +171,11 @@ DATASETS: dict[str, DatasetInfo] = {
     # COCO image paths already start with 'train2014/' or 'val2014/': the root is the folder.
     "coco": DatasetInfo("coco", COCO_CLASS_NAMES, "", "CoCo80text_feature_labelonly.npy",
                         "python preproc/format_coco.py"),
-    # The pre-formatted NUS-WIDE files hold paths relative to the extracted Flickr.zip folder.
+    # Both routes (pre-formatted files, or format_nuswide.py on the official release) give
+    # paths relative to the extracted Flickr.zip folder.
     "nuswide": DatasetInfo("nuswide", NUSWIDE_CLASS_NAMES, "Flickr", "NUS81text_feature.npy",
-                           "put the pre-formatted NUS-WIDE files in place "
+                           "put the pre-formatted NUS-WIDE files in place, or run "
+                           "python preproc/format_nuswide.py on the official release "
                            "(see data/nuswide/README.md)"),
     "cub": DatasetInfo("cub", CUB_CLASS_NAMES, "CUB_200_2011/images", "CUB312text_feature.npy",
                        "python preproc/format_cub.py"),
