@@ -1,0 +1,159 @@
+"""Embedding caches: encoder outputs computed once per image and kept on disk (DESIGN section 6).
+
+``cached_embeddings`` is the cache itself: keyed by everything the outputs depend on (encoder
+fingerprint, image list, size, normalisation), validated on read, written atomically.
+``Encoder`` names one encoder with its input recipe; ``OfficialSetCache`` embeds every image of
+an official split with it, so one file serves every split seed and fraction.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import datasets
+from distributed import Distributed
+from fileio import atomic_write
+
+
+_CACHE_FORMAT = 1
+
+
+def cache_key_hash(key: dict, image_paths: Sequence[str], image_size: int, mean, std) -> str:
+    """sha256 of a canonical JSON of everything the cached embeddings depend on."""
+    images = hashlib.sha256("\n".join(str(p) for p in image_paths).encode()).hexdigest()
+    full = {"format": _CACHE_FORMAT, "key": key, "num_images": len(image_paths), "images": images,
+            "image_size": int(image_size), "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std]}
+    return hashlib.sha256(json.dumps(full, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _read_cache(cache_file: Path, key_hash: str, num_images: int) -> tuple[np.ndarray | None, str]:
+    """(embeddings, '') when the file is a valid cache for ``key_hash``, else (None, reason)."""
+    try:
+        contents = np.load(cache_file, allow_pickle=False)
+        if not isinstance(contents, np.lib.npyio.NpzFile):
+            return None, "is not an embedding cache (not an .npz archive)"
+        with contents:
+            if "key" not in contents.files or "embeddings" not in contents.files:
+                return None, "is not an embedding cache (no key/embeddings)"
+            if str(contents["key"]) != key_hash:
+                return None, "was made for other inputs (key differs)"
+            embeddings = contents["embeddings"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        return None, f"is unreadable ({type(error).__name__}: {error})"
+    if embeddings.ndim != 2 or embeddings.shape[0] != num_images:
+        return None, f"has shape {embeddings.shape}, expected {num_images} rows"
+    if embeddings.dtype != np.float32 or not np.isfinite(embeddings).all():
+        return None, "holds non-float32 or non-finite values"
+    return embeddings, ""
+
+
+def _log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
+                      image_paths: Sequence[str], image_size: int, mean, std,
+                      cache_file: str | os.PathLike, *, batch_size: int = 32, num_workers: int = 0,
+                      device: str | torch.device = "cpu", desc: str = "teacher",
+                      log: Callable[[str], None] = _log_stderr, rank: int = 0, world_size: int = 1,
+                      gather_rows: Callable | None = None) -> np.ndarray:
+    """N x D float32 ``encode`` outputs of the images (resized to ``image_size``, normalised
+    with ``mean``/``std``, no augmentation), computed once and cached in ``cache_file``.
+
+    ``key`` names what else the outputs depend on (e.g. the encoder's weights fingerprint); it
+    is hashed with the image list, size and normalisation into the file. A file with another
+    key, the wrong shape, or that cannot be read is reported through ``log`` and rebuilt; the
+    new file is written atomically.
+
+    Under torchrun (``world_size`` > 1) each rank encodes every ``world_size``-th image from
+    position ``rank``; ``gather_rows(indices, rows)`` must return every rank's rows, sorted by
+    index, on every rank; rank 0 writes the file.
+    """
+    cache_file = Path(cache_file)
+    image_paths = [str(p) for p in image_paths]
+    if not image_paths:
+        raise ValueError(f"{desc}: no images to embed for {cache_file}")
+    key_hash = cache_key_hash(key, image_paths, image_size, mean, std)
+    if cache_file.exists():
+        cached, reason = _read_cache(cache_file, key_hash, len(image_paths))
+        if cached is not None:
+            log(f"{desc}: using cached embeddings {cache_file}")
+            return cached
+        log(f"{desc}: cache {cache_file} {reason}; recomputing it")
+    if world_size > 1 and gather_rows is None:
+        raise ValueError("cached_embeddings: world_size > 1 needs gather_rows")
+    dataset = datasets.ImageListDataset(image_paths, image_size, mean, std)
+    mine = range(rank, len(dataset), world_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=mine, num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda")
+    outputs, rows = [], []
+    with torch.no_grad(), tqdm(total=len(mine), desc=desc, unit="img", mininterval=3.0,
+                               dynamic_ncols=True, disable=rank != 0) as bar:
+        for images, indices in loader:
+            outputs.append(encode(images.to(device, non_blocking=True)).float().cpu().numpy())
+            rows.append(indices.numpy())
+            bar.update(len(indices))
+    row_index, embeddings = np.concatenate(rows), np.concatenate(outputs).astype(np.float32)
+    if world_size > 1:
+        row_index, embeddings = gather_rows(row_index, embeddings)
+    if not np.array_equal(row_index, np.arange(len(dataset))):
+        raise RuntimeError(f"{desc}: embeddings for {len(row_index)} of {len(dataset)} images")
+    if not np.isfinite(embeddings).all():
+        bad = int(np.flatnonzero(~np.isfinite(embeddings).all(axis=1))[0])
+        raise ValueError(f"{desc}: non-finite embedding for image {image_paths[bad]}")
+    if rank != 0:
+        return embeddings
+    readable_key = json.dumps(key, sort_keys=True)
+    atomic_write(cache_file, lambda handle: np.savez(handle, key=np.array(key_hash),
+                                                     key_json=np.array(readable_key),
+                                                     embeddings=embeddings))
+    log(f"{desc}: wrote {cache_file} ({embeddings.shape[0]} x {embeddings.shape[1]})")
+    return embeddings
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """An image encoder and its input recipe: what a cache file of its outputs is keyed by."""
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    key: dict                      # what else the outputs depend on (weights fingerprint, output)
+    prefix: str                    # cache file name prefix
+    image_size: int
+    mean: tuple
+    std: tuple
+
+
+@dataclass
+class OfficialSetCache:
+    """``Encoder`` outputs for every image of an official split ('train' or 'val'), cached in
+    ``cache_dir`` as ``<prefix>-<fingerprint>-<phase>.npz``."""
+    data_root: str
+    dataset: str
+    image_dir: Path
+    cache_dir: Path
+    batch_size: int
+    num_workers: int
+    device: torch.device
+    log: Callable[[str], None] = _log_stderr
+    dist: Distributed = Distributed()
+
+    def embeddings(self, phase: str, encoder: Encoder) -> np.ndarray:
+        formatted = datasets.load_formatted(self.data_root, self.dataset, phase)
+        fingerprint = cache_key_hash(encoder.key, [], encoder.image_size, encoder.mean, encoder.std)[:16]
+        return cached_embeddings(
+            encoder.encode, encoder.key, [str(self.image_dir / p) for p in formatted.images], encoder.image_size,
+            encoder.mean, encoder.std, Path(self.cache_dir) / f"{encoder.prefix}-{fingerprint}-{phase}.npz",
+            batch_size=self.batch_size, num_workers=self.num_workers, device=self.device,
+            desc=f"{encoder.prefix} {phase}", log=self.log, rank=self.dist.rank, world_size=self.dist.world_size,
+            gather_rows=self.dist.gather_rows)

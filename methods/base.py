@@ -1,0 +1,144 @@
+"""The Method interface: what one single-positive method is to the training loop.
+
+A method declares
+* what it needs: teacher pseudo-labels, clean training labels, spatial backbone features;
+* its hyperparameters (each becomes a command-line flag) and its defaults per dataset, including
+  its published protocol (learning rate, batch, epochs, optimizer, head learning-rate multiplier,
+  early stopping);
+* its batch loss, from the batch's logits and labels, at an epoch counted within the stage;
+* what it changes after each epoch (label updates go through ``labels.LabelState``), its extra
+  trainable parameters and its state for checkpoints.
+
+A loss whose matrix is ``losses.combine``'s form (label-only coefficients) derives from
+``CoefficientMethod`` and gets the head-only fast path of the frozen-feature modes for free.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+import losses
+from labels import LabelState
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """A method setting: config key ``name``, flag ``--name-with-dashes``."""
+    name: str
+    type: Callable[[str], Any]
+    help: str
+    default: Any = None                 # None: the method's per-dataset table gives it
+    minimum: float | None = None        # smallest allowed value (inclusive)
+    maximum: float | None = None        # largest allowed value (inclusive)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{self.flag} must be finite, got {value}")
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"{self.flag} must be >= {self.minimum}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"{self.flag} must be <= {self.maximum}, got {value}")
+
+
+# The protocol every method has; a method's table overrides entries per dataset.
+PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", head_lr_mult=1.0, patience=0, max_drop=0.0)
+
+# VLPL's settings (DESIGN section 5), shared by the methods of its results table.
+VLPL_DATASET_DEFAULTS = {
+    "pascal": dict(lr=1e-5, alpha=0.2),
+    "coco": dict(lr=1e-5, alpha=0.1),
+    "nuswide": dict(lr=1e-5, alpha=0.1),
+    "cub": dict(lr=1e-4, alpha=0.01),
+}
+
+
+@dataclass
+class LossInputs:
+    """One training batch as a loss sees it (rows of the training split, float32, on the device)."""
+    logits: Tensor              # B x K, float32
+    preds: Tensor               # sigmoid(logits)
+    index: Tensor               # B row numbers in the training split
+    observed: Tensor            # B x K in [-1, 1]
+    pseudo: Tensor | None       # B x K in {-1, 0, 1}, for methods that need pseudo-labels
+    clean: Tensor               # B x K 0/1 (read only by methods that declare needs_clean_labels)
+
+
+class Method:
+    """Base class of a single-positive method; see the module docstring."""
+    name: ClassVar[str]
+    description: ClassVar[str]
+    hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
+    dataset_defaults: ClassVar[dict[str, dict]] = VLPL_DATASET_DEFAULTS
+    needs_pseudo_labels: ClassVar[bool] = False
+    needs_clean_labels: ClassVar[bool] = False
+    needs_spatial_features: ClassVar[bool] = False
+    uses_train_predictions: ClassVar[bool] = False    # end_epoch reads predictions on the train split
+
+    def __init__(self, hp: SimpleNamespace, labels: LabelState, stage_epochs: int):
+        self.hp, self.labels, self.stage_epochs = hp, labels, stage_epochs
+
+    # -- configuration ---------------------------------------------------------------------------
+    @classmethod
+    def defaults(cls, dataset: str) -> dict:
+        """Protocol and hyperparameter values for ``dataset`` (before the user's flags)."""
+        own = {h.name for h in cls.hyperparameters} | set(PROTOCOL_DEFAULTS) | {"lr"}
+        values = {**PROTOCOL_DEFAULTS, **{h.name: h.default for h in cls.hyperparameters if h.default is not None}}
+        values.update({k: v for k, v in cls.dataset_defaults[dataset].items() if k in own})
+        return values
+
+    @classmethod
+    def check_config(cls, config: dict) -> None:
+        """ValueError for settings this method cannot run with (after defaults are filled)."""
+        for hyperparameter in cls.hyperparameters:
+            hyperparameter.check(config[hyperparameter.name])
+
+    @classmethod
+    def from_config(cls, config: dict, labels: LabelState, stage_epochs: int) -> Method:
+        hp = SimpleNamespace(**{h.name: config[h.name] for h in cls.hyperparameters})
+        return cls(hp, labels, stage_epochs)
+
+    # -- training --------------------------------------------------------------------------------
+    def loss(self, inputs: LossInputs, epoch: int) -> Tensor:
+        """The scalar batch loss at ``epoch`` (1-based, counted within the stage)."""
+        raise NotImplementedError
+
+    def label_coefficients(self, observed: Tensor, pseudo: Tensor | None, clean: Tensor,
+                           epoch: int) -> losses.Coefficients | None:
+        """``losses.combine``'s coefficients for these labels, or None where the loss is not of
+        that form. A method that returns them must not change labels during an epoch."""
+        return None
+
+    def parameter_groups(self) -> list[tuple[list[torch.nn.Parameter], float]]:
+        """Extra trainable parameters, each group with its learning-rate multiplier."""
+        return []
+
+    def end_epoch(self, epoch: int, train_predictions: Callable[[], Tensor]) -> None:
+        """After each epoch's val and test phases; ``train_predictions()`` gives N x K
+        probabilities of the train split in eval mode (only if ``uses_train_predictions``)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class CoefficientMethod(Method):
+    """A method whose loss matrix is ``losses.combine(preds, *coefficients)`` with label-only
+    coefficients: ``label_coefficients`` is all it defines."""
+
+    def label_coefficients(self, observed, pseudo, clean, epoch) -> losses.Coefficients:
+        raise NotImplementedError
+
+    def loss(self, inputs: LossInputs, epoch: int) -> Tensor:
+        coefficients = self.label_coefficients(inputs.observed, inputs.pseudo, inputs.clean, epoch)
+        return losses.mean_loss(losses.combine(inputs.preds, *coefficients))
