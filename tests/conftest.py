@@ -1,0 +1,47 @@
+"""Fixtures shared by the test files: offline runs, the demo data (built once per session), a
+tiny teacher, and command lines for tiny runs on the demo data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import main_clip
+import teacher as teacher_module
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """Every test runs offline with empty download caches: nothing can reach the network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """The demo chain (synthetic VOC layout, formatted, observed labels, tiny-teacher text
+    features) under a session folder. Runs keep their embedding caches in it (keyed by everything
+    they depend on, so runs share them safely)."""
+    root = tmp_path_factory.mktemp("demo-data")
+    main_clip.run_demo_data(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher() -> teacher_module.Teacher:
+    return teacher_module.build_teacher(tiny=True)
+
+
+def demo_argv(demo_root: Path, out: Path, *extra: str) -> list[str]:
+    """A tiny 2-epoch run on the demo data, its run folders under ``out``."""
+    return ["-d", "pascal", "--data-root", str(demo_root), "--output-dir", str(out), "--tiny-models",
+            "--num-workers", "0", "--epochs", "2", "--lr", "1e-3", "--bsize", "16", *extra]
+
+
+def demo_args(demo_root: Path, out: Path, *extra: str):
+    return main_clip.get_args_parser().parse_args(demo_argv(demo_root, out, *extra))
