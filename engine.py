@@ -353,7 +353,7 @@ class Trainer:
             groups = [{"params": list(self.model.backbone.parameters()), "lr": config["lr"]},
                       {"params": list(self.model.head.parameters()), "lr": config["lr"] * config["head_lr_mult"]}]
         self.labels.restart()
-        method = self.method_class.from_config(config, self.labels, epochs)
+        method = self.method_class.from_config(config, self.labels, epochs).to(self.device)
         base_lr = groups[0]["lr"]
         groups += [{"params": params, "lr": base_lr * multiplier} for params, multiplier in method.parameter_groups()]
         generator, dist = torch.Generator(), self.dist

@@ -9,13 +9,13 @@ The real architectures at random init (``pretrained=False``: nothing is read or 
 the trainable backbone (``-m``, default torchvision ResNet-50 at 448 px) and the frozen teacher
 (open_clip ViT-L-14-336-quickgelu at 336 px), on a small synthetic dataset made by the demo chain
 (``preproc/make_demo_data`` -> ``format_pascal`` -> ``generate_observed_labels``) in a temporary
-folder, with the EM_PL loss and pascal's hyperparameters. Both designs run through main_clip's own
-``Run`` (same model init, same loaders, same train step, same logger):
+folder, with the EM_PL loss and pascal's hyperparameters. Both designs run through the training
+engine's own ``Trainer`` (same model init, same loaders, same train step, same logger):
 
 (a) original design: the teacher runs on every train batch (``--pseudo-labels online``: the
     pseudo-labels are recomputed on the augmented batch) and also on every val and test batch
     (made and discarded, as the original did); the test phase runs every epoch.
-(b) ours: the teacher runs once per official train image before training (main_clip's cached
+(b) ours: the teacher runs once per official train image before training (the engine's cached
     embeddings, timed as the one-time cache cost); per epoch a train and a val phase without
     the teacher; the test phase only when val mAP improves (epoch 1 always does, so the
     measured epoch includes it).
@@ -47,8 +47,10 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import datasets  # noqa: E402
+import engine  # noqa: E402
 import main_clip  # noqa: E402
 import models  # noqa: E402
+import teacher as teacher_module  # noqa: E402
 from preproc import format_pascal, generate_observed_labels, make_demo_data  # noqa: E402
 
 DATASET = "pascal"
@@ -162,8 +164,8 @@ def random_backbone_file(model: str, num_classes: int, path: Path) -> Path | Non
 
 
 @torch.no_grad()
-def evaluate_with_teacher(phase: str, epoch: int, run: main_clip.Run, stage: main_clip.Stage, loader) -> dict:
-    """main_clip.evaluate plus what the original did on val and test batches: the teacher embeds the
+def evaluate_with_teacher(phase: str, epoch: int, run: engine.Trainer, stage: engine.Stage, loader) -> dict:
+    """engine.evaluate plus what the original did on val and test batches: the teacher embeds the
     batch and pseudo-labels are made from it (and not used)."""
     config, device, logger = run.config, run.device, run.logger
     text_features = run.setup.text_features.to(device)
@@ -171,32 +173,32 @@ def evaluate_with_teacher(phase: str, epoch: int, run: main_clip.Run, stage: mai
     logger.begin_phase(phase, epoch, len(loader.dataset), run.num_classes)
     for batch in loader:
         embeddings = run.teacher.embed(batch["teacher_image"].to(device, non_blocking=True))
-        models.pseudo_labels_from_embeddings(embeddings, text_features, config["temp"], config["threshold"],
-                                             config["partial"])
-        with main_clip.autocast(config["amp"], device):
+        teacher_module.pseudo_labels_from_embeddings(embeddings, text_features, config["temp"], config["threshold"],
+                                                     config["partial"])
+        with engine.autocast(config["amp"], device):
             logits = stage.net(batch["image"].to(device, non_blocking=True))
         logger.record_batch(batch["index"], torch.sigmoid(logits.float()).cpu(), batch["clean"], batch["observed"])
     return logger.end_phase()
 
 
-def teacher_view_loaders(run: main_clip.Run) -> dict:
+def teacher_view_loaders(run: engine.Trainer) -> dict:
     """Val and test loaders whose items also carry the teacher's view (original design)."""
     config, bench = run.config, run.benchmark
-    mean, std = main_clip.input_normalization(config["model"])
+    spec = models.backbone_spec(config["model"])
     view = (run.teacher.input_size, run.teacher.mean, run.teacher.std)
     loaders = {}
     for phase, split in (("val", bench.val), ("test", bench.test)):
         dataset = datasets.MultiLabelDataset([bench.image_dir / p for p in split.images], split.labels_obs,
-                                             split.labels, config["image_size"], train=False, mean=mean, std=std,
+                                             split.labels, config["image_size"], train=False, mean=spec.mean, std=spec.std,
                                              teacher_view=view)
-        loaders[phase] = main_clip.make_loader(dataset, config["bsize"], config["num_workers"])
+        loaders[phase] = engine.make_loader(dataset, config["bsize"], config["num_workers"])
     return loaders
 
 
-def timed_epochs(run: main_clip.Run, design: str, epochs: int, meter: Meter) -> None:
-    """Measure each phase of ``epochs`` epochs into ``meter``, following Run.run_epoch (checkpoint
+def timed_epochs(run: engine.Trainer, design: str, epochs: int, meter: Meter) -> None:
+    """Measure each phase of ``epochs`` epochs into ``meter``, following Trainer.run_epoch (checkpoint
     writes left out: the same in both designs)."""
-    stage = run.build_stage("end_to_end")
+    stage = run.build_stage(engine.END_TO_END, epochs)
     original = design == "original"
     eval_loaders = teacher_view_loaders(run) if original else stage.loaders
     for epoch in range(1, epochs + 1):
@@ -210,7 +212,7 @@ def timed_epochs(run: main_clip.Run, design: str, epochs: int, meter: Meter) -> 
             with meter.measure(name):
                 if original:
                     return evaluate_with_teacher(name, epoch, run, stage, eval_loaders[name])
-                return main_clip.evaluate(name, epoch, stage.net, eval_loaders[name], run.device, run.logger,
+                return engine.evaluate(name, epoch, stage.net, eval_loaders[name], run.device, run.logger,
                                           run.config["amp"])
 
         val = phase("val")
@@ -225,14 +227,14 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def warm_up(teacher: models.Teacher, model: str, tiny: bool, num_classes: int, batch: int) -> None:
+def warm_up(teacher: teacher_module.Teacher, model: str, tiny: bool, num_classes: int, batch: int) -> None:
     """One untimed teacher forward and one student forward/backward, so neither design pays for
     first-call allocations."""
     teacher.embed(torch.zeros(1, 3, teacher.input_size, teacher.input_size))
     student = models.build_model(model, num_classes, tiny=tiny, pretrained=False,
                                  clip_model=teacher.clip_model if model == "clip_vision" else None)
     size = student.input_size
-    if main_clip.convolutional(model):  # the layout Run trains in
+    if models.backbone_spec(model).convolutional:  # the layout the Trainer trains in
         student = student.to(memory_format=torch.channels_last)
     student(torch.zeros(min(batch, 2), 3, size, size)).sum().backward()
 
@@ -256,18 +258,18 @@ def _run(args: argparse.Namespace, root: Path) -> dict:
     sizes = {"train": len(benchmark.train), "val": len(benchmark.val), "test": len(benchmark.test)}
 
     start = time.perf_counter()
-    teacher = models.build_teacher(tiny=args.tiny, pretrained=False)
+    teacher = teacher_module.build_teacher(tiny=args.tiny, pretrained=False)
     build_s = time.perf_counter() - start
     text_features = torch.nn.functional.normalize(
         torch.randn(num_classes, teacher.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
-    setup = main_clip.Setup(device, benchmark, teacher, text_features)
+    setup = engine.Setup(device, benchmark, teacher, text_features)
     weights = None if args.tiny else random_backbone_file(args.model, num_classes, root / "backbone-random.pth")
     warm_up(teacher, args.model, args.tiny, num_classes, args.batch_size)
 
     runs = {}
     for design in ("ours", "original"):
         config = run_config(args, root, val_frac, design, weights)
-        runs[design] = main_clip.Run(config, root / "results" / design, setup)
+        runs[design] = engine.Trainer(config, root / "results" / design, setup)
         runs[design].logger.echo = False  # this script prints its own table
 
     # (b) ours: the one-time cache pass, then the epochs.

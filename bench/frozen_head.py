@@ -2,12 +2,12 @@
 
 Synthetic cached features stand in for the backbone pass (82,081 official train images x 768,
 80 classes, 40,137 test images); the split, loaders, loss, logger, checkpoints and model
-selection are main_clip's own. Prints the wall time of 10 epochs, each with its val phase and,
+selection are the training engine's own. Prints the wall time of 10 epochs, each with its val phase and,
 to be conservative, a test phase (``--test-every-epoch``).
 
 Then, on the same run state, one more epoch's steps twice, as a baseline: through the general
-loop (``Run.train_batches``: loader batches, autograd, ``train_step``), and through the head-only
-path that the run used (``Run.train_head_batches``), and the ratio of the two.
+loop (``engine.Trainer.train_batches``: loader batches, autograd, ``engine.train_step``), and
+through the head-only path that the run used (``Trainer.train_head_batches``), and the ratio of the two.
 
     python bench/frozen_head.py [--epochs 10] [--loss EM_PL] [--bsize 8] [--no-baseline]
 """
@@ -26,7 +26,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import datasets  # noqa: E402
+import engine  # noqa: E402
 import main_clip  # noqa: E402
+import methods  # noqa: E402
 import models  # noqa: E402
 from preproc.generate_observed_labels import observed_labels  # noqa: E402
 
@@ -44,7 +46,7 @@ def synthetic_split(rng: np.random.RandomState, n: int, prototypes: np.ndarray, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--loss", default="EM_PL", choices=main_clip.losses.LOSS_NAMES)
+    parser.add_argument("--loss", default="EM_PL", choices=list(methods.REGISTRY))
     parser.add_argument("--bsize", type=int, default=8, help="batch size (COCO's default is 8)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the one-epoch comparison with the general loop")
     args = parser.parse_args()
@@ -68,11 +70,11 @@ def main() -> None:
         run_dir.mkdir()
         head_only = models.Classifier(torch.nn.Identity(), DIM, NUM_CLASSES, image_size=0)
         start = time.perf_counter()
-        run = main_clip.Run(config, run_dir, main_clip.Setup(torch.device("cpu"), bench, None, None), model=head_only)
-        if args.loss in main_clip.losses.LOSSES_NEEDING_PSEUDO:
+        run = engine.Trainer(config, run_dir, engine.Setup(torch.device("cpu"), bench, None, None), model=head_only)
+        if methods.get_method(args.loss).needs_pseudo_labels:
             # Stand-in for the teacher's cached pseudo-labels: the clean positives, as +1.
-            run.pseudo_train = torch.from_numpy(bench.train.labels).float()
-        stage = run.build_stage("head", features=features)
+            run.labels.set_pseudo(torch.from_numpy(bench.train.labels))
+        stage = run.build_stage(engine.HEAD, config["epochs"], features=features)
         for epoch in range(1, config["epochs"] + 1):
             run.run_epoch(epoch, stage)
             run.save_last(epoch, stage)
@@ -80,12 +82,17 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         if not args.no_baseline:
             steps = {}
-            coefficients = run.epoch_loss_coefficients(config["epochs"] + 1, stage.loaders["train"].dataset.clean)
-            for name, train in (("general loop (autograd)", run.train_batches), ("head-only path", run.train_head_batches)):
+            labels, epoch = run.labels, config["epochs"] + 1
+            pseudo = labels.pseudo
+            coefficients = stage.method.label_coefficients(labels.observed, pseudo, labels.clean,
+                                                           stage.epoch_in_stage(epoch))
+            loops = (("general loop (autograd)", lambda bar: run.train_batches(epoch, stage, bar)),
+                     ("head-only path", lambda bar: run.train_head_batches(epoch, stage, coefficients, bar)))
+            for name, train in loops:
                 stage.net.train()
                 with tqdm(total=len(stage.loaders["train"]), disable=True) as bar:
                     begin = time.perf_counter()
-                    train(config["epochs"] + 1, stage, coefficients, bar)
+                    train(bar)
                     steps[name] = time.perf_counter() - begin
     print(f"linear_fixed_features, {args.loss}: {len(bench.train)} train / {len(bench.val)} val / {len(test)} test "
           f"rows x {DIM} features, {NUM_CLASSES} classes, batch {config['bsize']}")

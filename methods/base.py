@@ -118,8 +118,15 @@ class Method:
         return None
 
     def parameter_groups(self) -> list[tuple[list[torch.nn.Parameter], float]]:
-        """Extra trainable parameters, each group with its learning-rate multiplier."""
+        """Extra trainable parameters, each group with its learning-rate multiplier (relative to
+        the stage's learning rate). The trainer moves them to its device (``to``)."""
         return []
+
+    def to(self, device: torch.device) -> Method:
+        for params, _ in self.parameter_groups():
+            for param in params:
+                param.data = param.data.to(device)
+        return self
 
     def end_epoch(self, epoch: int, train_predictions: Callable[[], Tensor]) -> None:
         """After each epoch's val and test phases; ``train_predictions()`` gives N x K

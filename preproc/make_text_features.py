@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import datasets  # noqa: E402
 from preproc import run_script  # noqa: E402
 import models  # noqa: E402
+import teacher as teacher_module  # noqa: E402
 from fileio import atomic_save_npy  # noqa: E402
 
 DEFAULT_PROMPT = "a photo of a {}."
@@ -66,7 +67,7 @@ def class_texts(class_names: Sequence[str], prompt: str | None) -> list[str]:
     return [name if prompt is None else prompt.format(name) for name in class_names]
 
 
-def make_text_features(teacher: models.Teacher, class_names: Sequence[str],
+def make_text_features(teacher: teacher_module.Teacher, class_names: Sequence[str],
                        prompt: str | None) -> np.ndarray:
     """K x D float32 unit rows: the teacher's text embedding of each class text."""
     features = teacher.encode_text(class_texts(class_names, prompt)).cpu().numpy()
@@ -82,7 +83,7 @@ def main(args: argparse.Namespace) -> Path:
                          f"or --out to write elsewhere")
     models.check_weights_available("clip_vision", clip_weights=args.clip_weights, need_teacher=True,
                                    tiny=args.tiny)
-    teacher = models.build_teacher(args.clip_weights, tiny=args.tiny).to(args.device)
+    teacher = teacher_module.build_teacher(args.clip_weights, tiny=args.tiny).to(args.device)
     features = make_text_features(teacher, info.class_names, prompt)
     atomic_save_npy(out, features)
     example = class_texts(info.class_names[:1], prompt)[0]

@@ -10,14 +10,11 @@ from PIL import Image
 
 import datasets
 import models
+import teacher as teacher_module
+import caches
 
 SIZE = 16
 MEAN, STD = datasets.CLIP_MEAN, datasets.CLIP_STD
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture
@@ -48,7 +45,7 @@ class CountingEncoder:
 
 
 def run(encoder, paths, cache_file, key=None, size=SIZE, mean=MEAN, std=STD, messages=None, **kw):
-    return models.cached_embeddings(encoder, key or {"teacher": "abc"}, paths, size, mean, std,
+    return caches.cached_embeddings(encoder, key or {"teacher": "abc"}, paths, size, mean, std,
                                     cache_file, batch_size=3,
                                     log=messages.append if messages is not None else print, **kw)
 
@@ -112,11 +109,11 @@ def test_a_change_of_inputs_misses_the_cache(tmp_path, image_paths, change):
 
 def test_teacher_weights_change_misses_the_cache(tmp_path, image_paths):
     clip = models.load_clip(tiny=True)
-    teacher = models.build_teacher(clip_model=clip)
+    teacher = teacher_module.build_teacher(clip_model=clip)
     cache_file = tmp_path / "teacher.npz"
 
     def embed(t):
-        return models.cached_embeddings(t.embed, {"teacher": t.fingerprint}, image_paths,
+        return caches.cached_embeddings(t.embed, {"teacher": t.fingerprint}, image_paths,
                                         t.input_size, t.mean, t.std, cache_file, batch_size=4,
                                         log=lambda m: None)
 
@@ -129,7 +126,7 @@ def test_teacher_weights_change_misses_the_cache(tmp_path, image_paths):
 
     with torch.no_grad():
         clip.visual.proj.mul_(-1.0)
-    changed = models.build_teacher(clip_model=clip)
+    changed = teacher_module.build_teacher(clip_model=clip)
     assert changed.fingerprint != teacher.fingerprint
     calls = []
     original_embed = changed.embed
@@ -159,7 +156,7 @@ def test_truncated_cache_is_rebuilt(tmp_path, image_paths):
                                      "non_finite"])
 def test_foreign_cache_file_is_rebuilt(tmp_path, image_paths, foreign):
     cache_file = tmp_path / "c.npz"
-    key_hash = models.cache_key_hash({"teacher": "abc"}, image_paths, SIZE, MEAN, STD)
+    key_hash = caches.cache_key_hash({"teacher": "abc"}, image_paths, SIZE, MEAN, STD)
     if foreign == "npy":
         with open(cache_file, "wb") as handle:
             np.save(handle, np.zeros((7, 5), np.float32))
@@ -213,7 +210,7 @@ def test_pseudo_label_settings_need_no_teacher_pass(tmp_path, image_paths):
     embeddings = torch.nn.functional.normalize(embeddings, dim=1)
     text = torch.nn.functional.normalize(torch.randn(4, 6, generator=torch.Generator().manual_seed(3)),
                                          dim=1)
-    results = {(t, th, p): models.pseudo_labels_from_embeddings(embeddings, text, t, th, p)[0]
+    results = {(t, th, p): teacher_module.pseudo_labels_from_embeddings(embeddings, text, t, th, p)[0]
                for t in (0.01, 1.0) for th in (0.1, 0.3) for p in (0.0, 0.5)}
     assert encoder.images_seen == 7
     assert len({tuple(q.flatten().tolist()) for q in results.values()}) > 1

@@ -11,18 +11,12 @@ import pytest
 import torch
 
 import datasets
-import main_clip
+import engine
 import metrics
 import models
+from distributed import Distributed
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo-data")
-    main_clip.run_demo_data(root)
-    return root
 
 
 def torchrun(demo_root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -42,7 +36,7 @@ def single_process_map(run_dir: Path, demo_root: Path, split: str) -> float:
     data = getattr(bench, split)
     dataset = datasets.MultiLabelDataset([bench.image_dir / p for p in data.images], data.labels_obs, data.labels,
                                          models.TINY_INPUT_SIZE, train=False)
-    scores, indices = main_clip.predict(model, main_clip.make_loader(dataset, 16, 0), "cpu", split)
+    scores, indices = engine.predict(model, engine.make_loader(dataset, 16, 0), "cpu", split)
     return metrics.compute_metrics(scores, data.labels[indices])["map"]
 
 
@@ -82,5 +76,5 @@ def test_sampler_shards_cover_the_permutation_with_the_same_flips():
 
 
 def test_gather_rows_drops_padding_and_sorts():
-    indices, rows = main_clip.Distributed().gather_rows(np.array([3, 1, 0, 2, 3]), np.arange(5)[:, None] * 1.0)
+    indices, rows = Distributed().gather_rows(np.array([3, 1, 0, 2, 3]), np.arange(5)[:, None] * 1.0)
     assert indices.tolist() == [0, 1, 2, 3] and rows[:, 0].tolist() == [2.0, 1.0, 3.0, 0.0]

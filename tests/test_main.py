@@ -9,24 +9,19 @@ import numpy as np
 import pytest
 import torch
 
+import caches
 import datasets
-import losses
+import engine
 import main_clip
+import methods
 import metrics
 import models
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo-data")
-    main_clip.run_demo_data(root)
-    return root
+import teacher as teacher_module
+from conftest import demo_args
 
 
 def run_args(demo_root: Path, out: Path, *extra: str):
-    argv = ["-d", "pascal", "--data-root", str(demo_root), "--output-dir", str(out), "--tiny-models",
-            "--num-workers", "0", "--epochs", "2", "--lr", "1e-3", "--bsize", "16", *extra]
-    return main_clip.get_args_parser().parse_args(argv)
+    return demo_args(demo_root, out, *extra)
 
 
 def read_run(run_dir: Path) -> dict:
@@ -37,7 +32,7 @@ def read_run(run_dir: Path) -> dict:
     return dict(log=log, records=records, summary=summary, config=config)
 
 
-@pytest.mark.parametrize("loss", losses.LOSS_NAMES)
+@pytest.mark.parametrize("loss", list(methods.REGISTRY))
 def test_every_loss_runs_and_writes_the_run_files(demo_root, tmp_path, loss):
     extra = ["-l", loss, "--run-name", "r"]
     if loss == "EM_APL":
@@ -55,18 +50,8 @@ def test_every_loss_runs_and_writes_the_run_files(demo_root, tmp_path, loss):
     for name in ("last.pt", "best.pt"):
         state = torch.load(run_dir / name, map_location="cpu", weights_only=True)
         assert "model" in state
-    if loss in losses.LOSSES_NEEDING_PSEUDO:
+    if methods.REGISTRY[loss].needs_pseudo_labels:
         assert 0.0 <= run["summary"]["pseudo_labels"]["recall"] <= 1.0
-
-
-def test_apl_turns_lowest_scores_into_soft_negatives():
-    observed = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 0, 0], [0, 1, 0]])
-    scores = torch.tensor([[0.9, 0.2, 0.3], [0.1, 0.5, 0.8], [0.4, 0.05, 0.6], [0.3, 0.7, 0.2]])
-    unobserved = (observed == 0).sum(0)  # 3 per class
-    main_clip.apl_update(observed, scores, unobserved, neg_proportion=0.9, epochs_after_warmup=1)
-    # int(0.9 * 3) = 2 entries per class, the lowest-scored unobserved ones
-    expected = torch.tensor([[1.0, -0.2, -0.3], [-0.1, 0, 1], [0, -0.05, 0], [-0.3, 1, -0.2]])
-    assert torch.allclose(observed, expected)
 
 
 def test_training_learns_on_demo_data(demo_root, tmp_path):
@@ -78,7 +63,7 @@ def test_training_learns_on_demo_data(demo_root, tmp_path):
     untrained = models.build_model(config["model"], 20, tiny=True)
     test_set = datasets.MultiLabelDataset([bench.image_dir / p for p in bench.test.images], bench.test.labels_obs,
                                           bench.test.labels, config["image_size"], train=False)
-    scores, indices = main_clip.predict(untrained, main_clip.make_loader(test_set, 32, 0), "cpu", "untrained")
+    scores, indices = engine.predict(untrained, engine.make_loader(test_set, 32, 0), "cpu", "untrained")
     untrained_map = metrics.compute_metrics(scores, bench.test.labels[indices])["map"]
     assert summary["best_test_map"] >= untrained_map + 15, (summary["best_test_map"], untrained_map)
 
@@ -100,17 +85,17 @@ def test_online_pseudo_labels_run(demo_root, tmp_path):
 
 def test_cached_and_online_pseudo_labels_agree_on_unflipped_images(demo_root, tmp_path):
     bench = datasets.load_benchmark(demo_root, "pascal")
-    teacher = models.build_teacher(tiny=True)
+    teacher = teacher_module.build_teacher(tiny=True)
     info = datasets.get_dataset_info("pascal")
-    text = models.load_text_features(demo_root / "pascal" / info.text_feature_file, 20, teacher.embed_dim)
+    text = teacher_module.load_text_features(demo_root / "pascal" / info.text_feature_file, 20, teacher.embed_dim)
     paths = [bench.image_dir / p for p in bench.train.images[:24]]
-    cached = models.cached_embeddings(teacher.embed, {"teacher": teacher.fingerprint}, [str(p) for p in paths],
+    cached = caches.cached_embeddings(teacher.embed, {"teacher": teacher.fingerprint}, [str(p) for p in paths],
                                       teacher.input_size, teacher.mean, teacher.std, tmp_path / "cache.npz")
-    cached_q, _ = models.pseudo_labels_from_embeddings(torch.from_numpy(cached), text, 0.01, 0.3, 0.1)
+    cached_q, _ = teacher_module.pseudo_labels_from_embeddings(torch.from_numpy(cached), text, 0.01, 0.3, 0.1)
     online_set = datasets.MultiLabelDataset(paths, bench.train.labels_obs[:24], bench.train.labels[:24], 32, train=False,
                                             teacher_view=(teacher.input_size, teacher.mean, teacher.std))
-    batch = next(iter(main_clip.make_loader(online_set, 24, 0)))
-    online_q, _ = models.pseudo_labels_from_embeddings(teacher.embed(batch["teacher_image"]), text, 0.01, 0.3, 0.1)
+    batch = next(iter(engine.make_loader(online_set, 24, 0)))
+    online_q, _ = teacher_module.pseudo_labels_from_embeddings(teacher.embed(batch["teacher_image"]), text, 0.01, 0.3, 0.1)
     assert torch.equal(cached_q, online_q)
     assert (cached_q == 1).any() and (cached_q == -1).any()
 

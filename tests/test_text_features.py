@@ -12,21 +12,15 @@ import torch
 
 import datasets
 import models
+import teacher as teacher_module
 from preproc import make_text_features as mtf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-
-
-@pytest.fixture(scope="module")
-def teacher() -> models.Teacher:
-    return models.build_teacher(tiny=True)
+@pytest.fixture
+def teacher(tiny_teacher) -> teacher_module.Teacher:
+    return tiny_teacher
 
 
 def args(*argv: str):
@@ -67,7 +61,7 @@ def test_main_writes_the_registry_file(tmp_path, teacher, name):
     assert features.shape == (info.num_classes, teacher.embed_dim) and features.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
     # What main_clip.py loads for the tiny teacher: shapes match, values as written.
-    loaded = models.load_text_features(out, info.num_classes, teacher.embed_dim, dataset=name)
+    loaded = teacher_module.load_text_features(out, info.num_classes, teacher.embed_dim, dataset=name)
     torch.testing.assert_close(loaded, torch.from_numpy(features))
     assert [p.name for p in out.parent.iterdir()] == [out.name]   # written atomically
 

@@ -8,27 +8,22 @@ import pytest
 import torch
 
 import datasets
+import engine
+import losses
 import main_clip
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo-data")
-    main_clip.run_demo_data(root)
-    return root
+import models
+from conftest import demo_args
 
 
 def args_for(demo_root, out, *extra):
-    argv = ["-d", "pascal", "--data-root", str(demo_root), "--output-dir", str(out), "--tiny-models",
-            "--num-workers", "0", "--epochs", "2", "--lr", "1e-3", "--bsize", "16", "-l", "an", *extra]
-    return main_clip.get_args_parser().parse_args(argv)
+    return demo_args(demo_root, out, "-l", "an", *extra)
 
 
-def make_run(demo_root, out, *extra) -> main_clip.Run:
+def make_run(demo_root, out, *extra) -> engine.Trainer:
     config = main_clip.resolve_config(args_for(demo_root, out, *extra))
     run_dir = main_clip.prepare_run_dir(config)
     run_dir.mkdir(parents=True)
-    return main_clip.Run(config, run_dir, main_clip._setup(config))
+    return engine.Trainer(config, run_dir, main_clip.setup(config))
 
 
 @pytest.mark.parametrize("backbone", ["resnet50", "clip_vision"])
@@ -37,10 +32,10 @@ def test_frozen_features_give_the_end_to_end_head_outputs(demo_root, tmp_path, b
                    "--cache-dir", str(tmp_path / "cache"))
     features = run.backbone_features()
     bench = run.benchmark
-    mean, std = main_clip.input_normalization(backbone)
+    mean, std = models.backbone_spec(backbone).mean, models.backbone_spec(backbone).std
     images = datasets.MultiLabelDataset([bench.image_dir / p for p in bench.val.images[:12]], bench.val.labels_obs[:12],
                                         bench.val.labels[:12], run.config["image_size"], train=False, mean=mean, std=std)
-    batch = next(iter(main_clip.make_loader(images, 12, 0)))
+    batch = next(iter(engine.make_loader(images, 12, 0)))
     run.model.eval()
     with torch.no_grad():
         end_to_end = run.model(batch["image"])
@@ -151,14 +146,14 @@ def test_train_step_order_autocast_then_float32_loss_then_scaled_step():
             yield
         calls.append("autocast off")
 
-    def loss_of(preds):
-        calls.append(f"loss {preds.dtype}")
+    def loss_of(logits, preds):
+        calls.append(f"loss {logits.dtype} {preds.dtype}")
         return preds.mean()
 
     before = net.weight.detach().clone()
-    preds, loss = main_clip.train_step(net, optimizer, RecordingScaler(calls), torch.randn(5, 4), loss_of,
+    preds, loss = engine.train_step(net, optimizer, RecordingScaler(calls), torch.randn(5, 4), loss_of,
                                        recording_autocast())
-    assert calls == ["autocast on", "autocast off", "loss torch.float32", "scale", "step", "update"]
+    assert calls == ["autocast on", "autocast off", "loss torch.float32 torch.float32", "scale", "step", "update"]
     assert preds.dtype == torch.float32 and not torch.equal(before, net.weight)
 
 
@@ -167,12 +162,12 @@ def test_real_grad_scaler_steps_on_the_cpu():
     optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     before = net.weight.detach().clone()
-    main_clip.train_step(net, optimizer, scaler, torch.randn(5, 4), lambda p: p.mean(), contextlib.nullcontext())
+    engine.train_step(net, optimizer, scaler, torch.randn(5, 4), lambda logits, p: p.mean(), contextlib.nullcontext())
     assert not torch.equal(before, net.weight) and scaler.get_scale() == 2.0 ** 8
 
 
 def test_non_finite_loss_names_epoch_and_batch(demo_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(main_clip.losses, "mean_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(losses, "mean_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(main_clip.RunError, match="epoch 1, batch 1"):
         main_clip.main(args_for(demo_root, tmp_path, "--run-name", "nan"))
     assert (tmp_path / "nan" / "last.pt").exists()
@@ -181,7 +176,6 @@ def test_non_finite_loss_names_epoch_and_batch(demo_root, tmp_path, monkeypatch)
 def test_written_out_head_step_equals_autograd_step():
     """head_train_step (no autograd) against train_step on the same head, data and Adam: the same
     predictions, gradients and weights over several steps, to float precision."""
-    import losses
     from types import SimpleNamespace
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(6, 40, 32, generator=generator)
@@ -195,10 +189,10 @@ def test_written_out_head_step_equals_autograd_step():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for step in range(6):
         coefficients = losses.loss_coefficients("EM_PL", observed[step], hp, pseudo=pseudo[step])
-        loss_of = lambda preds: losses.mean_loss(losses.combine(preds, *coefficients))  # noqa: E731
-        preds, loss = main_clip.train_step(heads[0], optimizers[0], scaler, features[step], loss_of,
+        loss_of = lambda logits, preds: losses.mean_loss(losses.combine(preds, *coefficients))  # noqa: E731
+        preds, loss = engine.train_step(heads[0], optimizers[0], scaler, features[step], loss_of,
                                            contextlib.nullcontext())
-        written_preds = main_clip.head_train_step(heads[1], optimizers[1], features[step], coefficients)
+        written_preds = engine.head_train_step(heads[1], optimizers[1], features[step], coefficients)
         torch.testing.assert_close(written_preds, preds.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(heads[1].weight.grad, heads[0].weight.grad, rtol=1e-4, atol=1e-8)
         torch.testing.assert_close(heads[1].bias.grad, heads[0].bias.grad, rtol=1e-4, atol=1e-8)
@@ -213,15 +207,15 @@ def test_head_run_equals_the_autograd_run(demo_root, tmp_path, monkeypatch):
     written = main_clip.main(args_for(demo_root, tmp_path, *common, "--run-name", "written"))
 
     def autograd_step(head, optimizer, features, coefficients, preds_out):
-        loss_of = lambda preds: main_clip.losses.mean_loss(main_clip.losses.combine(preds, *coefficients))  # noqa: E731
+        loss_of = lambda logits, preds: losses.mean_loss(losses.combine(preds, *coefficients))  # noqa: E731
         with torch.enable_grad():
-            preds, _ = main_clip.train_step(head, optimizer, torch.amp.GradScaler("cpu", enabled=False), features,
+            preds, _ = engine.train_step(head, optimizer, torch.amp.GradScaler("cpu", enabled=False), features,
                                             loss_of, contextlib.nullcontext())
         preds_out.copy_(preds)
         steps.append(len(features))
         return preds_out
     steps = []
-    monkeypatch.setattr(main_clip, "head_train_step", autograd_step)
+    monkeypatch.setattr(engine, "head_train_step", autograd_step)
     autograd = main_clip.main(args_for(demo_root, tmp_path, *common, "--run-name", "autograd"))
     assert written["best_epoch"] == autograd["best_epoch"]
     for key in ("best_val_map", "best_test_map"):
@@ -245,7 +239,7 @@ def test_head_path_names_the_first_non_finite_batch(demo_root, tmp_path):
     features = run.backbone_features()
     bad_row = 37
     features["train"][bad_row] = float("nan")
-    stage = run.build_stage("head", features=features)
+    stage = run.build_stage(engine.HEAD, run.config["epochs"], features=features)
     epoch = 1
     order, _ = datasets.AugmentationSampler(len(features["train"]), torch.Generator().manual_seed(
         run.config["seed"] * 100_003 + epoch)).draw()
