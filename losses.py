@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# The functional interface (``compute_loss``) to the seven losses of DESIGN section 4; training
+# runs them as methods (``methods/``), which add what a loss alone does not say.
 LOSS_NAMES = ("bce", "an", "iun", "EM", "EM_APL", "EM_PL", "EM_PL_ASL")
 LOSSES_NEEDING_PSEUDO = frozenset({"EM_PL", "EM_PL_ASL"})
 LOSSES_NEEDING_TRUE = frozenset({"bce", "iun"})
@@ -174,6 +176,30 @@ def _check_range(name: str, tensor: Tensor, low: float, high: float, shape,
     return (low_value >= low) & (high_value <= high)
 
 
+def _warmed_up(after_warmup):
+    """VLPL's losses: plain EM while epoch <= warmup_epoch (the default 0 never warms up)."""
+    def coefficients(observed, hp, epoch, pseudo, true):
+        if epoch <= _hp(hp, "warmup_epoch"):
+            return em_coefficients(observed, _hp(hp, "alpha"))
+        return after_warmup(observed, hp, epoch, pseudo, true)
+    return coefficients
+
+
+# Loss name -> (observed, hp, epoch, pseudo, true) -> coefficients, or None where the loss is
+# not of ``combine``'s form (EM_PL_ASL after its warm-up: ``em_pl_asl_matrix``).
+_COEFFICIENTS = {
+    "bce": lambda observed, hp, epoch, pseudo, true: bce_coefficients(true),
+    "an": lambda observed, hp, epoch, pseudo, true: an_coefficients(observed),
+    "iun": lambda observed, hp, epoch, pseudo, true: iun_coefficients(observed, true),
+    "EM": lambda observed, hp, epoch, pseudo, true: em_coefficients(observed, _hp(hp, "alpha")),
+    "EM_APL": lambda observed, hp, epoch, pseudo, true: em_apl_coefficients(observed, _hp(hp, "alpha"),
+                                                                           _hp(hp, "beta")),
+    "EM_PL": _warmed_up(lambda observed, hp, epoch, pseudo, true: em_pl_coefficients(
+        observed, pseudo, _hp(hp, "alpha"), _hp(hp, "beta_pos"), _hp(hp, "beta_neg"))),
+    "EM_PL_ASL": _warmed_up(lambda observed, hp, epoch, pseudo, true: None),
+}
+
+
 def loss_coefficients(name: str, observed: Tensor, hp: Any, *, epoch: int = 1,
                       pseudo: Tensor | None = None, true: Tensor | None = None) -> Coefficients | None:
     """``combine``'s (on_pos, on_neg, on_entropy) for loss ``name``, or None where the loss is not
@@ -182,24 +208,9 @@ def loss_coefficients(name: str, observed: Tensor, hp: Any, *, epoch: int = 1,
     They depend on the labels only, so a training loop whose labels change only between epochs
     can compute them once per epoch for the whole training set and index the batch's rows.
     """
-    if name == "bce":
-        return bce_coefficients(true)
-    if name == "an":
-        return an_coefficients(observed)
-    if name == "iun":
-        return iun_coefficients(observed, true)
-    if name == "EM":
-        return em_coefficients(observed, _hp(hp, "alpha"))
-    if name == "EM_APL":
-        return em_apl_coefficients(observed, _hp(hp, "alpha"), _hp(hp, "beta"))
-    if name in LOSSES_NEEDING_PSEUDO:
-        # Warm-up (epoch <= warmup_epoch) trains with plain EM; the default warmup_epoch 0 never warms up.
-        if epoch <= _hp(hp, "warmup_epoch"):
-            return em_coefficients(observed, _hp(hp, "alpha"))
-        if name == "EM_PL":
-            return em_pl_coefficients(observed, pseudo, _hp(hp, "alpha"), _hp(hp, "beta_pos"), _hp(hp, "beta_neg"))
-        return None
-    raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
+    if name not in _COEFFICIENTS:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
+    return _COEFFICIENTS[name](observed, hp, epoch, pseudo, true)
 
 
 def coefficient_rows(coefficients: Coefficients, index: Tensor | slice) -> Coefficients:
