@@ -96,8 +96,43 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="results", help="folder that receives one sub-folder per run")
     g.add_argument("--run-name", default=None, help="run folder name (default <dataset>_<model>_<loss>_seed<seed>)")
     g.add_argument("--resume", action="store_true", help="continue the run in the run folder from its last.pt")
+    g.add_argument("--config", default=None, metavar="CONFIG_JSON",
+                   help="start a new run from a run's config.json; flags set to other than their defaults override it "
+                        "(needs a new --run-name)")
     g.add_argument("--demo", action="store_true", help="build a tiny synthetic VOC-layout dataset and train tiny models on it")
     return p
+
+
+# What a saved configuration never carries over to a new run.
+_NOT_CARRIED = {"resume", "config", "run_name"}
+
+
+def apply_saved_config(args: argparse.Namespace) -> argparse.Namespace:
+    """``--config FILE``: the saved run's settings where the command line left a flag at its
+    default; the saved method's own settings only when the method stays the same."""
+    path = Path(args.config)
+    defaults = {action.dest: action.default for action in get_args_parser()._actions
+                if action.option_strings and action.dest != "help"}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RunError(f"--config {path}: cannot read a run configuration ({error})") from error
+    if not isinstance(saved, dict) or "loss" not in saved or "dataset" not in saved:
+        raise RunError(f"--config {path}: not a run's config.json (no loss / dataset)")
+    unknown = sorted(set(saved) - set(defaults))
+    if unknown:
+        raise RunError(f"--config {path}: settings this version does not know ({', '.join(unknown)}): "
+                       f"a config.json from an incompatible version")
+    if args.run_name is None:
+        raise RunError(f"--config {path} starts a new run: give it a new --run-name")
+    given = {dest for dest, default in defaults.items() if getattr(args, dest) != default}
+    method = methods.get_method(args.loss if "loss" in given else saved["loss"])
+    other_methods = set(methods.all_hyperparameters()) - {h.name for h in method.hyperparameters}
+    args = argparse.Namespace(**vars(args))
+    for key, value in saved.items():
+        if key not in given and key not in other_methods and key not in _NOT_CARRIED:
+            setattr(args, key, value)
+    return args
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -206,6 +241,8 @@ def main(args: argparse.Namespace) -> dict:
         print(DEMO_NOTICE)
         run_demo_data(Path(args.data_root))
     dist = init_distributed()
+    if args.config is not None:
+        args = apply_saved_config(args)
     try:
         config = resolve_config(args)
         run_dir = prepare_run_dir(config)

@@ -145,3 +145,28 @@ def test_demo_flags_keep_what_the_user_set():
     assert given == {"demo", "epochs", "loss"}
     args = main_clip.demo_args(parser.parse_args(["--demo", "--epochs=1", "-l", "an"]), given)
     assert args.epochs == 1 and args.tiny_models and args.loss == "an" and args.num_workers == 0
+
+
+def test_a_saved_config_starts_a_new_run_with_overrides(demo_root, tmp_path, capsys):
+    main_clip.main(run_args(demo_root, tmp_path, "-l", "EM_PL", "--alpha", "0.3", "-t", "0.02", "--epochs", "1",
+                            "--run-name", "first"))
+    saved = tmp_path / "first" / "config.json"
+    # Only the flags that differ from their defaults override the saved run's settings.
+    again = main_clip.get_args_parser().parse_args(["--config", str(saved), "--run-name", "again", "--beta-pos", "0.5"])
+    main_clip.main(again)
+    first, second = (json.loads((tmp_path / name / "config.json").read_text()) for name in ("first", "again"))
+    changed = {k for k in first if first[k] != second.get(k)}
+    assert changed == {"run_name", "config", "beta_pos"} and second["beta_pos"] == 0.5 and second["alpha"] == 0.3
+    other_method = main_clip.apply_saved_config(main_clip.get_args_parser().parse_args(
+        ["--config", str(saved), "--run-name", "an", "-l", "an"]))
+    assert other_method.alpha is None and other_method.temp == 0.02  # EM_PL's own settings stay behind
+    assert main_clip.resolve_config(other_method)["loss"] == "an"
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({**first, "future_setting": 1}))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert "incompatible version" in cli_error(capsys, ["--config", str(foreign), "--run-name", "x"])
+    assert "give it a new --run-name" in cli_error(capsys, ["--config", str(saved)])
+    assert "cannot read a run configuration" in cli_error(capsys, ["--config", str(tmp_path / "none.json"),
+                                                                   "--run-name", "y"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
