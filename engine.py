@@ -422,7 +422,7 @@ class Trainer:
                 if first > 1 and last_epoch < first:
                     best = self.saver.load_best()
                     self.model.load_state_dict(best["model"])
-                    logger.log(f"{name} stage starts from the best epoch so far ({best['epoch']})")
+                    logger.log(f"{name} stage starts from the best epoch so far (epoch {best['epoch']})")
                 stage = self.build_stage(name, epochs, first)
                 if resumed_here:
                     self.restore_stage(stage, saved)

@@ -93,7 +93,7 @@ def test_frozen_modes_run(demo_root, tmp_path, mode):
     assert summary["train_mode"] == mode and summary["best_test_map"] > 0
     log = (tmp_path / "r" / "log.txt").read_text()
     assert "(head on cached features)" in log
-    assert ("fine-tuning end to end from the best head" in log) == (mode == "linear_init")
+    assert ("end_to_end stage starts from the best epoch so far" in log) == (mode == "linear_init")
 
 
 def test_linear_init_resume_across_the_stage_change(demo_root, tmp_path):
