@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import datasets
@@ -51,7 +52,7 @@ def _read_cache(cache_file: Path, key_hash: str, num_images: int) -> tuple[np.nd
             embeddings = contents["embeddings"]
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
         return None, f"is unreadable ({type(error).__name__}: {error})"
-    if embeddings.ndim != 2 or embeddings.shape[0] != num_images:
+    if embeddings.ndim not in (2, 3) or embeddings.shape[0] != num_images:
         return None, f"has shape {embeddings.shape}, expected {num_images} rows"
     if embeddings.dtype != np.float32 or not np.isfinite(embeddings).all():
         return None, "holds non-float32 or non-finite values"
@@ -67,9 +68,12 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
                       cache_file: str | os.PathLike, *, batch_size: int = 32, num_workers: int = 0,
                       device: str | torch.device = "cpu", desc: str = "teacher",
                       log: Callable[[str], None] = _log_stderr, rank: int = 0, world_size: int = 1,
-                      gather_rows: Callable | None = None) -> np.ndarray:
+                      gather_rows: Callable | None = None,
+                      views: Callable[[Image.Image], list[torch.Tensor]] | None = None) -> np.ndarray:
     """N x D float32 ``encode`` outputs of the images (resized to ``image_size``, normalised
     with ``mean``/``std``, no augmentation), computed once and cached in ``cache_file``.
+    With ``views`` (image -> V input tensors, e.g. as is and flipped), N x V x D: the outputs of
+    each view; ``key`` must then name the views' recipe.
 
     ``key`` names what else the outputs depend on (e.g. the encoder's weights fingerprint); it
     is hashed with the image list, size and normalisation into the file. A file with another
@@ -93,7 +97,7 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
         log(f"{desc}: cache {cache_file} {reason}; recomputing it")
     if world_size > 1 and gather_rows is None:
         raise ValueError("cached_embeddings: world_size > 1 needs gather_rows")
-    dataset = datasets.ImageListDataset(image_paths, image_size, mean, std)
+    dataset = datasets.ImageListDataset(image_paths, image_size, mean, std, views=views)
     mine = range(rank, len(dataset), world_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=mine, num_workers=num_workers,
@@ -102,7 +106,9 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
     with torch.no_grad(), tqdm(total=len(mine), desc=desc, unit="img", mininterval=3.0,
                                dynamic_ncols=True, disable=rank != 0) as bar:
         for images, indices in loader:
-            outputs.append(encode(images.to(device, non_blocking=True)).float().cpu().numpy())
+            # Views are encoded as one batch of B*V images and regrouped by image.
+            flat = images.flatten(0, images.dim() - 4).to(device, non_blocking=True)
+            outputs.append(encode(flat).float().cpu().numpy().reshape(*images.shape[:images.dim() - 3], -1))
             rows.append(indices.numpy())
             bar.update(len(indices))
     row_index, embeddings = np.concatenate(rows), np.concatenate(outputs).astype(np.float32)
@@ -111,7 +117,7 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
     if not np.array_equal(row_index, np.arange(len(dataset))):
         raise RuntimeError(f"{desc}: embeddings for {len(row_index)} of {len(dataset)} images")
     if not np.isfinite(embeddings).all():
-        bad = int(np.flatnonzero(~np.isfinite(embeddings).all(axis=1))[0])
+        bad = int(np.flatnonzero(~np.isfinite(embeddings.reshape(len(embeddings), -1)).all(axis=1))[0])
         raise ValueError(f"{desc}: non-finite embedding for image {image_paths[bad]}")
     if rank != 0:
         return embeddings
@@ -119,7 +125,7 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
     atomic_write(cache_file, lambda handle: np.savez(handle, key=np.array(key_hash),
                                                      key_json=np.array(readable_key),
                                                      embeddings=embeddings))
-    log(f"{desc}: wrote {cache_file} ({embeddings.shape[0]} x {embeddings.shape[1]})")
+    log(f"{desc}: wrote {cache_file} ({' x '.join(map(str, embeddings.shape))})")
     return embeddings
 
 
@@ -132,6 +138,7 @@ class Encoder:
     image_size: int
     mean: tuple
     std: tuple
+    views: Callable[[Image.Image], list[torch.Tensor]] | None = None   # several inputs per image
 
 
 @dataclass
@@ -156,4 +163,4 @@ class OfficialSetCache:
             encoder.mean, encoder.std, Path(self.cache_dir) / f"{encoder.prefix}-{fingerprint}-{phase}.npz",
             batch_size=self.batch_size, num_workers=self.num_workers, device=self.device,
             desc=f"{encoder.prefix} {phase}", log=self.log, rank=self.dist.rank, world_size=self.dist.world_size,
-            gather_rows=self.dist.gather_rows)
+            gather_rows=self.dist.gather_rows, views=encoder.views)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -394,13 +394,21 @@ def _open_rgb(path: str | os.PathLike) -> Image.Image:
         return image.convert("RGB")
 
 
+# (image, flip) -> the tensor a network receives: a view of a training image.
+ImageView = Callable[[Image.Image, bool], torch.Tensor]
+
+
 class MultiLabelDataset(torch.utils.data.Dataset):
-    """Images with observed and clean label vectors; optional second (teacher) view."""
+    """Images with observed and clean label vectors, the flip each item was drawn with, and
+    optionally the teacher's view of the same (image, flip).
+
+    The network's input is ``view(image, flip)`` when given, else the image flipped, resized to
+    ``image_size`` and normalised with ``mean`` / ``std``."""
 
     def __init__(self, image_paths: Sequence[str | os.PathLike], observed_labels: np.ndarray,
                  clean_labels: np.ndarray, image_size: int, train: bool,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 teacher_view: tuple[int, tuple, tuple] | None = None):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, *, view: ImageView | None = None,
+                 teacher_view: ImageView | None = None):
         self.image_paths = [str(p) for p in image_paths]
         observed_labels = np.asarray(observed_labels)
         clean_labels = np.asarray(clean_labels)
@@ -413,13 +421,9 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         self.observed = torch.as_tensor(observed_labels, dtype=torch.float32)
         self.clean = torch.as_tensor(clean_labels, dtype=torch.float32)
         self.train = train
-        # The flip is applied to the PIL image (below), so both views share it.
         self.transform = build_transform(image_size, train=False, mean=mean, std=std)
-        self.teacher_transform = None
-        if teacher_view is not None:
-            size, teacher_mean, teacher_std = teacher_view
-            self.teacher_transform = build_transform(size, train=False, mean=teacher_mean,
-                                                     std=teacher_std)
+        self.view = view
+        self.teacher_view = teacher_view
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -428,13 +432,16 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         """``item`` is an index, or ``(index, flip)`` from ``AugmentationSampler``; a plain index
         of a train set draws its flip with torch.rand."""
         index, flip = item if isinstance(item, tuple) else (item, self.train and torch.rand(1).item() < 0.5)
+        flip = bool(flip)
         image = _open_rgb(self.image_paths[index])
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        out = {"image": self.transform(image), "observed": self.observed[index],
-               "clean": self.clean[index], "index": int(index)}
-        if self.teacher_transform is not None:
-            out["teacher_image"] = self.teacher_transform(image)
+        if self.view is not None:
+            network_input = self.view(image, flip)
+        else:
+            network_input = self.transform(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image)
+        out = {"image": network_input, "observed": self.observed[index], "clean": self.clean[index],
+               "index": int(index), "flip": flip}
+        if self.teacher_view is not None:
+            out["teacher_image"] = self.teacher_view(image, flip)
         return out
 
 
@@ -541,18 +548,25 @@ class FeatureBatches:
 
 
 class ImageListDataset(torch.utils.data.Dataset):
-    """Un-augmented images for caches (teacher embeddings, frozen features): (tensor, index)."""
+    """Images for caches (teacher embeddings, frozen features): (tensor, index). The tensor is
+    the image resized to ``image_size`` and normalised, or, with ``views``, the V views it
+    returns for the image, stacked (V x 3 x H x W)."""
 
-    def __init__(self, image_paths: Sequence[str | os.PathLike], image_size: int, mean, std):
+    def __init__(self, image_paths: Sequence[str | os.PathLike], image_size: int, mean, std,
+                 views: Callable[[Image.Image], list[torch.Tensor]] | None = None):
         self.image_paths = [str(p) for p in image_paths]
         check_image_files(self.image_paths)
         self.transform = build_transform(image_size, train=False, mean=mean, std=std)
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(_open_rgb(self.image_paths[index])), int(index)
+        image = _open_rgb(self.image_paths[index])
+        if self.views is not None:
+            return torch.stack(self.views(image)), int(index)
+        return self.transform(image), int(index)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Under torchrun, ``distributed.Distributed`` shards the data and gathers predicti
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -287,17 +288,28 @@ class Trainer:
         self.labels = LabelState(self.benchmark.train.labels_obs, self.benchmark.train.labels)
 
     # -- teacher and feature caches ------------------------------------------------------------
-    def teacher_encoder(self) -> Encoder:
+    def teacher_encoder(self, flips: bool = True) -> Encoder:
         self.teacher.to(self.device)
-        return self.teacher.encoder()
+        return self.teacher.encoder(self.config["teacher_view"], flips)
+
+    def student_view(self) -> datasets.ImageView | None:
+        """The student's input when it is not the backbone's own resize and normalisation: a
+        backbone that copies the teacher's tower sees the teacher's view (at its own size), as
+        the original fed its CLIP student the teacher's tensor."""
+        if not self.backbone.copies_clip_tower:
+            return None
+        return functools.partial(teacher_module.teacher_input, view=self.config["teacher_view"],
+                                 size=self.config["image_size"])
 
     def make_pseudo_labels(self) -> None:
-        """The teacher runs once per official train image; pseudo-labels come from its cached embeddings."""
+        """The teacher runs once per official train image and flip; the pseudo-labels of both
+        flips come from its cached embeddings, and each batch takes those of the flips it drew."""
         if self.teacher_embeddings is None:
             self.teacher_embeddings = self.cache.embeddings("train", self.teacher_encoder())
         embeddings = torch.from_numpy(self.teacher_embeddings[self.benchmark.train_indices]).to(self.device)
-        pseudo = self.pseudo_labeler.from_embeddings(torch.nn.functional.normalize(embeddings, dim=-1))
-        self.labels.set_pseudo(pseudo)
+        as_is, flipped = (self.pseudo_labeler.from_embeddings(torch.nn.functional.normalize(embeddings[:, flip], dim=-1))
+                          for flip in (0, 1))
+        self.labels.set_pseudo(as_is, flipped)
         self.pseudo_report = teacher_module.pseudo_label_report(self.labels.pseudo, self.benchmark.train.labels)
         self.logger.log("pseudo-labels (cached teacher, vs clean train labels): "
                         + ", ".join(f"{k} {v:.4g}" for k, v in self.pseudo_report.items()))
@@ -309,18 +321,24 @@ class Trainer:
         teacher's own embeddings as features, so one cached pass feeds both."""
         config, bench = self.config, self.benchmark
         if self.backbone.copies_clip_tower and config["image_size"] == self.teacher.input_size:
-            encoder = self.teacher_encoder()
             if self.teacher_embeddings is None:  # EM_PL already holds them; other losses read the cache
-                self.teacher_embeddings = self.cache.embeddings("train", encoder)
-            official_train, official_val = self.teacher_embeddings, self.cache.embeddings("val", encoder)
+                self.teacher_embeddings = self.cache.embeddings("train", self.teacher_encoder())
+            official_train = self.teacher_embeddings[:, 0]  # as is: features have no flips
+            official_val = self.cache.embeddings("val", self.teacher_encoder(flips=False))[:, 0]
             self.teacher.cpu()  # its work is cached: free the accelerator's memory for training
         else:
             self.model.eval()
             key = {"backbone": config["model"], "weights": models.weights_fingerprint(self.model.backbone),
                    "output": "pooled features"}
+            view = self.student_view()
+            if view is not None:
+                key["view"] = config["teacher_view"]
             encoder = Encoder(self.model.features, key, config["model"], config["image_size"],
-                              self.backbone.mean, self.backbone.std)
-            official_train, official_val = self.cache.embeddings("train", encoder), self.cache.embeddings("val", encoder)
+                              self.backbone.mean, self.backbone.std,
+                              views=None if view is None else teacher_module.Flips(view, (False,)))
+            # One view per image: N x 1 x D with a view recipe, N x D without.
+            official_train, official_val = (self.cache.embeddings(phase, encoder).reshape(-1, self.model.feature_dim)
+                                            for phase in ("train", "val"))
         return {"train": official_train[bench.train_indices], "val": official_train[bench.val_indices],
                 "test": official_val}
 
@@ -339,12 +357,14 @@ class Trainer:
             net, eval_batch = self.model.head, max(config["bsize"], 1024)
             groups = [{"params": list(net.parameters()), "lr": config["head_lr"]}]
         else:
-            teacher_view = (self.teacher.input_size, self.teacher.mean, self.teacher.std) if self.online else None
+            teacher_view = self.teacher.view(config["teacher_view"]) if self.online else None
+            student_view = self.student_view()
 
             def image_set(split, train: bool, view=None):
                 return datasets.MultiLabelDataset([bench.image_dir / p for p in split.images], split.labels_obs,
                                                   split.labels, config["image_size"], train=train,
-                                                  mean=self.backbone.mean, std=self.backbone.std, teacher_view=view)
+                                                  mean=self.backbone.mean, std=self.backbone.std, view=student_view,
+                                                  teacher_view=view)
             phase_sets = {"train": image_set(bench.train, True, teacher_view), "val": image_set(bench.val, False),
                           "test": image_set(bench.test, False)}
             if self.method_class.uses_train_predictions:
@@ -534,7 +554,8 @@ class Trainer:
             if self.online:
                 pseudo = self.pseudo_labeler.online(self.teacher, batch["teacher_image"].to(device, non_blocking=True))
             else:
-                pseudo = labels.pseudo[index].to(device) if labels.pseudo is not None else None
+                pseudo = labels.batch_pseudo(index, batch.get("flip"))
+                pseudo = pseudo.to(device) if pseudo is not None else None
             observed, clean = labels.observed[index].to(device), labels.clean[index].to(device)
 
             def loss_of(logits, preds):

@@ -23,7 +23,8 @@ class LabelState:
             raise ValueError(f"observed {tuple(self.initial.shape)} and clean {tuple(self.clean.shape)} labels "
                              f"must both be N x K")
         self.observed = self.initial.clone()
-        self.pseudo: Tensor | None = None
+        self.pseudo: Tensor | None = None            # of each image as is
+        self.pseudo_flipped: Tensor | None = None    # of each image flipped horizontally
         if pseudo is not None:
             self.set_pseudo(pseudo)
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -32,12 +33,25 @@ class LabelState:
     def shape(self) -> tuple[int, int]:
         return tuple(self.initial.shape)
 
-    def set_pseudo(self, pseudo: Tensor) -> None:
-        """The teacher's pseudo-labels of every training image (N x K in {-1, 0, 1})."""
+    def set_pseudo(self, pseudo: Tensor, flipped: Tensor | None = None) -> None:
+        """The teacher's pseudo-labels of every training image (N x K in {-1, 0, 1}), and of
+        every image flipped (the same when not given)."""
         pseudo = torch.as_tensor(pseudo, dtype=torch.float32).cpu()
-        if pseudo.shape != self.initial.shape:
-            raise ValueError(f"pseudo-labels {tuple(pseudo.shape)} for {self.shape} training labels")
-        self.pseudo = pseudo
+        flipped = pseudo if flipped is None else torch.as_tensor(flipped, dtype=torch.float32).cpu()
+        for matrix in (pseudo, flipped):
+            if matrix.shape != self.initial.shape:
+                raise ValueError(f"pseudo-labels {tuple(matrix.shape)} for {self.shape} training labels")
+        self.pseudo, self.pseudo_flipped = pseudo, flipped
+
+    def batch_pseudo(self, index: Tensor, flips: Tensor | None) -> Tensor | None:
+        """The pseudo-labels of rows ``index`` as the batch saw them (``flips``: per row, whether
+        the image was flipped; None: as is)."""
+        if self.pseudo is None:
+            return None
+        if flips is None:
+            return self.pseudo[index]
+        return torch.where(torch.as_tensor(flips, dtype=torch.bool)[:, None], self.pseudo_flipped[index],
+                           self.pseudo[index])
 
     def unobserved_at_start(self) -> Tensor:
         """Per class, how many training entries were unobserved before any method changed them."""
@@ -65,7 +79,8 @@ class LabelState:
 
     def check(self) -> None:
         """The matrices a loss reads, validated once per epoch instead of once per batch."""
-        for name, tensor in (("observed training labels", self.observed), ("pseudo-labels", self.pseudo)):
+        for name, tensor in (("observed training labels", self.observed), ("pseudo-labels", self.pseudo),
+                             ("pseudo-labels of flipped images", self.pseudo_flipped)):
             if tensor is not None and not bool(((tensor >= -1) & (tensor <= 1)).all()):
                 raise RunError(f"{name} outside [-1, 1]")
 

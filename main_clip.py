@@ -53,6 +53,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-th", "--threshold", type=float, default=0.3, help="similarity above which a class becomes a positive pseudo-label")
     p.add_argument("-p", "--partial", type=float, default=0.0, help="fraction of classes (lowest similarity) that become negative pseudo-labels")
     p.add_argument("-s", "--seed", type=int, default=0, help="torch seed (the literature averages 0, 1 and 8)")
+    p.add_argument("--teacher-view", choices=list(teacher_module.TEACHER_VIEWS), default="original",
+                   help="the teacher's input: original (as published: the student's 448 px ImageNet-normalised "
+                        "image resized on the tensor to 336) or clip (CLIP normalisation, direct resize; moves the "
+                        "numbers); a CLIP-tower student sees the same view")
     methods.add_hyperparameter_arguments(p)
 
     g = p.add_argument_group("data")
@@ -91,7 +95,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("weights and outputs")
     g.add_argument("--backbone-weights", default=None, help="local weights file for resnet50 / convnext backbones")
-    g.add_argument("--clip-weights", default=None, help="local CLIP ViT-L/14-336 weights (OpenAI .pt or state dict)")
+    g.add_argument("--clip-weights", default=None, help="local CLIP ViT-L/14-336 weights (OpenAI .pt, a state dict, or a Hugging Face transformers folder)")
     g.add_argument("--tiny-models", action="store_true", help="tiny randomly initialised models of the same classes (tests, demo)")
     g.add_argument("--output-dir", default="results", help="folder that receives one sub-folder per run")
     g.add_argument("--run-name", default=None, help="run folder name (default <dataset>_<model>_<loss>_seed<seed>)")

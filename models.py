@@ -32,6 +32,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
 import datasets
+import hf_clip
 
 # open_clip's name for ViT-L/14 at 336 px with QuickGELU, the activation OpenAI's weights were
 # trained with (plain 'ViT-L-14-336' uses nn.GELU and gives slightly different embeddings).
@@ -324,9 +325,20 @@ def _clip_architecture(tiny: bool) -> CLIP:
     return CLIP(**cfg)
 
 
-def _load_clip_weights(model: CLIP, path: str | os.PathLike) -> None:
+def _clip_architecture_name(tiny: bool) -> str:
+    return "tiny (models.TINY_CLIP_CONFIG)" if tiny else CLIP_MODEL_NAME
+
+
+def _load_clip_weights(model: CLIP, path: str | os.PathLike, architecture: str) -> None:
     path = Path(path)
-    state = read_state_dict(path, "--clip-weights")
+    if path.is_dir():
+        # A transformers CLIPModel folder: its config must describe this architecture (heads
+        # and activation do not show in the tensor shapes); its tensors are renamed to open_clip's.
+        weights = hf_clip.check_folder(path, model, "--clip-weights", architecture)
+        state = hf_clip.to_open_clip_state(read_state_dict(weights, "--clip-weights"))
+        path = weights
+    else:
+        state = read_state_dict(path, "--clip-weights")
     # OpenAI's TorchScript files carry three scalars open_clip drops (as load_openai_model does);
     # traced archives also store non-persistent buffers (the text causal mask), rebuilt here.
     persistent = set(model.state_dict())
@@ -334,14 +346,16 @@ def _load_clip_weights(model: CLIP, path: str | os.PathLike) -> None:
     state = {k: v for k, v in state.items()
              if k not in _OPENAI_JIT_EXTRA_KEYS and k not in non_persistent}
     # OpenAI's files are partly float16; load_state_dict copies them into the float32 model.
-    _load_strict(model, state, path, "--clip-weights", f"CLIP {CLIP_MODEL_NAME}")
+    _load_strict(model, state, path, "--clip-weights", f"CLIP {architecture}")
 
 
 def load_clip(clip_weights: str | os.PathLike | None = None, *, tiny: bool = False,
               pretrained: bool = True) -> CLIP:
     """The CLIP model in eval mode, float32, on the CPU.
 
-    ``clip_weights``: OpenAI's TorchScript ``ViT-L-14-336px.pt`` or a state-dict file; None:
+    ``clip_weights``: OpenAI's TorchScript ``ViT-L-14-336px.pt``, a state-dict file, or a Hugging
+    Face transformers CLIPModel folder (``hf_clip``: ``config.json`` and ``model.safetensors`` or
+    ``pytorch_model.bin``, e.g. the cache's snapshot of openai/clip-vit-large-patch14-336); None:
     open_clip's download of ``ViT-L-14-336-quickgelu`` / ``openai``. ``tiny``: a small CLIP with
     fixed random weights (or ``clip_weights`` read into it). ``pretrained=False``: the full-size
     ``ViT-L-14-336-quickgelu`` architecture (open_clip's config, as for a weight file) with
@@ -356,7 +370,7 @@ def load_clip(clip_weights: str | os.PathLike | None = None, *, tiny: bool = Fal
     else:
         model = _clip_architecture(tiny)
         if clip_weights is not None:
-            _load_clip_weights(model, clip_weights)
+            _load_clip_weights(model, clip_weights, _clip_architecture_name(tiny))
     return model.float().eval()
 
 
@@ -436,20 +450,33 @@ def _check_file(path: str | os.PathLike, flag: str) -> None:
         raise FileNotFoundError(f"{flag} {path}: file not found")
 
 
+def _check_clip_weights(path: str | os.PathLike, tiny: bool) -> None:
+    """A file must exist; a transformers folder must hold its files and a config that matches
+    the architecture, checked on a model built on the meta device (no memory, milliseconds)."""
+    if not Path(path).is_dir():
+        _check_file(path, "--clip-weights")
+        return
+    with torch.device("meta"):
+        architecture = _clip_architecture(tiny)
+    hf_clip.check_folder(path, architecture, "--clip-weights", _clip_architecture_name(tiny))
+
+
 def check_weights_available(backbone: str, *, backbone_weights: str | os.PathLike | None = None,
                             clip_weights: str | os.PathLike | None = None, need_teacher: bool,
                             tiny: bool = False) -> None:
     """Fail fast (seconds), before any data work, when the weights a run needs can be neither
-    read nor downloaded. Named files must exist; otherwise the library's cached download must be
+    read nor downloaded. Named files must exist (a ``--clip-weights`` folder: its files, and a
+    config.json matching the architecture); otherwise the library's cached download must be
     present or its server reachable (not with HF_HUB_OFFLINE=1). Raises FileNotFoundError
-    (``WeightsUnavailableError``) naming the flag and the expected file."""
+    (``WeightsUnavailableError``) naming the flag and the expected file, or ValueError for a
+    folder whose config.json does not match."""
     spec = backbone_spec(backbone)
     if spec.copies_clip_tower and backbone_weights is not None:
         raise ValueError(f"{backbone} takes its weights from --clip-weights, not --backbone-weights")
     if backbone_weights is not None:
         _check_file(backbone_weights, "--backbone-weights")
     if clip_weights is not None:
-        _check_file(clip_weights, "--clip-weights")
+        _check_clip_weights(clip_weights, tiny)
     if tiny:
         return  # random weights: nothing to download
     if not spec.copies_clip_tower and backbone_weights is None and not spec.library_weights_available():
@@ -459,7 +486,8 @@ def check_weights_available(backbone: str, *, backbone_weights: str | os.PathLik
             f"unreachable, and the file is not in the download cache)")
     if (need_teacher or spec.copies_clip_tower) and clip_weights is None and not _clip_download_available():
         raise WeightsUnavailableError(
-            f"no CLIP weights: pass --clip-weights /path/to/{CLIP_OPENAI_FILE} (OpenAI) or allow "
+            f"no CLIP weights: pass --clip-weights /path/to/{CLIP_OPENAI_FILE} (OpenAI) or a "
+            f"transformers folder of openai/clip-vit-large-patch14-336, or allow "
             f"open_clip's download of {CLIP_MODEL_NAME} '{CLIP_PRETRAINED_TAG}' (offline: "
             f"HF_HUB_OFFLINE is set or huggingface.co is unreachable, and it is not in "
             f"{_hf_cache_dir()})")

@@ -1,7 +1,10 @@
 """The frozen CLIP teacher and its pseudo-labels (DESIGN section 4).
 
-* ``Teacher`` wraps a frozen open_clip CLIP (weights from ``models.load_clip``); ``encoder()``
-  describes its image input for the embedding cache (``caches``).
+* ``teacher_input`` is what the teacher's image encoder receives for a training image and its
+  flip, under a named view (``TEACHER_VIEWS``: ``original``, the published pipeline, and
+  ``clip``, the repaired one); the cache and the online path both use it.
+* ``Teacher`` wraps a frozen open_clip CLIP (weights from ``models.load_clip``); ``encoder(view)``
+  describes its input for the embedding cache (``caches``): both flips of every image.
 * ``pseudo_labels_from_embeddings``: softmax over the class text features, threshold, partial
   negatives; ``PseudoLabeler`` applies it to cached embeddings or to a batch (online).
 * ``load_text_features`` reads the K x D class text features; ``pseudo_label_report`` scores
@@ -9,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +23,57 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
+from PIL import Image
 from torch import nn
 
 import datasets
 import models
 from caches import Encoder
+
+
+# The published pipeline's student input size: the teacher saw the student's 448 x 448 tensor.
+ORIGINAL_SOURCE_SIZE = 448
+
+
+def _to_normalized_tensor(image: Image.Image, mean, std) -> torch.Tensor:
+    from torchvision.transforms import functional as TF
+    return TF.normalize(TF.to_tensor(image), list(mean), list(std))
+
+
+def _original_view(image: Image.Image, flip: bool, size: int) -> torch.Tensor:
+    """VLPL's code: the student's batch (PIL bilinear resize to 448, flip, ImageNet
+    normalisation) resized on the tensor to the teacher's size, bilinear without antialiasing
+    (torchvision 0.12's tensor resize)."""
+    image = image.resize((ORIGINAL_SOURCE_SIZE, ORIGINAL_SOURCE_SIZE), Image.Resampling.BILINEAR)
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    tensor = _to_normalized_tensor(image, datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)
+    return F.interpolate(tensor[None], size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=False)[0]
+
+
+def _clip_view(image: Image.Image, flip: bool, size: int) -> torch.Tensor:
+    """The repaired view: CLIP's own normalisation, the image resized directly to the teacher's
+    size (PIL bilinear), flipped first as the student's images are."""
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _to_normalized_tensor(image.resize((size, size), Image.Resampling.BILINEAR),
+                                 datasets.CLIP_MEAN, datasets.CLIP_STD)
+
+
+# --teacher-view: name -> (image, flip, size) -> the teacher's input. The recipes' names key the caches.
+TEACHER_VIEWS = {
+    "original": _original_view,
+    "clip": _clip_view,
+}
+
+
+def teacher_input(image: Image.Image, flip: bool, view: str, *, size: int = 336) -> torch.Tensor:
+    """3 x size x size float tensor: exactly what the teacher's image encoder receives for the
+    RGB ``image`` (flipped horizontally if ``flip``) under ``view`` (``TEACHER_VIEWS``)."""
+    if view not in TEACHER_VIEWS:
+        raise ValueError(f"unknown teacher view {view!r}; choose one of: {', '.join(TEACHER_VIEWS)}")
+    return TEACHER_VIEWS[view](image.convert("RGB"), bool(flip), size)
 
 
 class Teacher(nn.Module):
@@ -35,8 +85,6 @@ class Teacher(nn.Module):
         self.clip_model.requires_grad_(False)
         self.fingerprint = fingerprint
         self.input_size = models.clip_image_size(clip_model)
-        self.mean = tuple(datasets.CLIP_MEAN)
-        self.std = tuple(datasets.CLIP_STD)
         self.embed_dim = int(clip_model.text_projection.shape[1])
         self.context_length = int(clip_model.context_length)
         self.eval()
@@ -50,13 +98,22 @@ class Teacher(nn.Module):
         """B x D unit-norm embeddings of images already at ``input_size`` with CLIP normalisation."""
         return F.normalize(self.clip_model.encode_image(images).float(), dim=-1)
 
-    def encoder(self) -> Encoder:
+    def view(self, view: str) -> datasets.ImageView:
+        """(image, flip) -> this teacher's input under ``view`` (picklable: loader workers)."""
+        return functools.partial(teacher_input, view=view, size=self.input_size)
+
+    def encoder(self, view: str, flips: bool = True) -> Encoder:
         """Its image tower as the embedding cache sees it: raw image embeddings (normalised
-        when pseudo-labels are made), keyed by the weights."""
+        when pseudo-labels are made) of each image as is and, with ``flips``, flipped (N x 2 x D);
+        keyed by the weights and the view."""
         def encode(images: torch.Tensor) -> torch.Tensor:
             return self.clip_model.encode_image(images).float()
-        key = {"teacher": self.fingerprint, "output": "image embedding before L2 normalisation"}
-        return Encoder(encode, key, "teacher", self.input_size, self.mean, self.std)
+        key = {"teacher": self.fingerprint, "output": "image embedding before L2 normalisation",
+               "view": view, "flips": [False, True] if flips else [False]}
+        if view == "original":
+            key["source_size"] = ORIGINAL_SOURCE_SIZE
+        return Encoder(encode, key, f"teacher-{view}", self.input_size, (), (),
+                       views=Flips(self.view(view), tuple(key["flips"])))
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
@@ -171,6 +228,16 @@ def pseudo_label_report(q: torch.Tensor | np.ndarray, clean_labels: np.ndarray,
         report["negative_precision"] = ratio(int((negative & ~clean).sum()), num_negative)
     return report
 
+
+
+@dataclass(frozen=True)
+class Flips:
+    """An image's views for the cache: ``view(image, flip)`` for each flip (picklable)."""
+    view: datasets.ImageView
+    flips: tuple[bool, ...]
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        return [self.view(image, flip) for flip in self.flips]
 
 
 @dataclass

@@ -185,12 +185,12 @@ def teacher_view_loaders(run: engine.Trainer) -> dict:
     """Val and test loaders whose items also carry the teacher's view (original design)."""
     config, bench = run.config, run.benchmark
     spec = models.backbone_spec(config["model"])
-    view = (run.teacher.input_size, run.teacher.mean, run.teacher.std)
+    view = run.teacher.view(config["teacher_view"])
     loaders = {}
     for phase, split in (("val", bench.val), ("test", bench.test)):
         dataset = datasets.MultiLabelDataset([bench.image_dir / p for p in split.images], split.labels_obs,
                                              split.labels, config["image_size"], train=False, mean=spec.mean, std=spec.std,
-                                             teacher_view=view)
+                                             view=run.student_view(), teacher_view=view)
         loaders[phase] = engine.make_loader(dataset, config["bsize"], config["num_workers"])
     return loaders
 

@@ -40,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     texts.add_argument("--prompt", default=None,
                        help=f"template with one '{{}}' for the class name (e.g. {DEFAULT_PROMPT!r})")
     parser.add_argument("--clip-weights", default=None,
-                        help=f"OpenAI's {models.CLIP_OPENAI_FILE} or a CLIP state dict "
+                        help=f"OpenAI's {models.CLIP_OPENAI_FILE}, a CLIP state dict or a Hugging Face CLIP folder "
                              f"(default: open_clip's download)")
     parser.add_argument("--data-root", default="data", help="folder holding <dataset>/")
     parser.add_argument("--out", default=None, help="output .npy (default: the dataset folder's "

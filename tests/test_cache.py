@@ -114,14 +114,14 @@ def test_teacher_weights_change_misses_the_cache(tmp_path, image_paths):
 
     def embed(t):
         return caches.cached_embeddings(t.embed, {"teacher": t.fingerprint}, image_paths,
-                                        t.input_size, t.mean, t.std, cache_file, batch_size=4,
+                                        t.input_size, datasets.CLIP_MEAN, datasets.CLIP_STD, cache_file, batch_size=4,
                                         log=lambda m: None)
 
     first = embed(teacher)
     assert first.shape == (7, teacher.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, rtol=1e-5)
-    images = torch.stack([datasets.ImageListDataset(image_paths, teacher.input_size, teacher.mean,
-                                                    teacher.std)[i][0] for i in range(7)])
+    images = torch.stack([datasets.ImageListDataset(image_paths, teacher.input_size, datasets.CLIP_MEAN,
+                                                    datasets.CLIP_STD)[i][0] for i in range(7)])
     np.testing.assert_allclose(first, teacher.embed(images).numpy(), rtol=1e-5, atol=1e-6)
 
     with torch.no_grad():

@@ -173,13 +173,16 @@ def test_multilabel_dataset_views_and_flip(tmp_path):
     write_formatted(tmp_path, "pascal", n_train=12, n_val=2)
     splits = datasets.load_benchmark(tmp_path, "pascal")
     paths = splits.image_paths("train")
-    teacher = (16, datasets.CLIP_MEAN, datasets.CLIP_STD)
     plain = datasets.ImageListDataset(paths, 16, datasets.CLIP_MEAN, datasets.CLIP_STD)
+    plain_transform = datasets.build_transform(16, train=False, mean=datasets.CLIP_MEAN, std=datasets.CLIP_STD)
+
+    def teacher(image, flip):  # a teacher view: the (image, flip) the student drew
+        return plain_transform(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image)
     evaluation = datasets.MultiLabelDataset(paths, splits.train.labels_obs, splits.train.labels,
                                             20, train=False, teacher_view=teacher)
     item = evaluation[3]
-    assert set(item) == {"image", "observed", "clean", "index", "teacher_image"}
-    assert item["image"].shape == (3, 20, 20) and item["index"] == 3
+    assert set(item) == {"image", "observed", "clean", "index", "flip", "teacher_image"}
+    assert item["image"].shape == (3, 20, 20) and item["index"] == 3 and item["flip"] is False
     assert item["observed"].dtype == torch.float32
     np.testing.assert_array_equal(item["clean"].numpy(), splits.train.labels[3])
     assert torch.equal(item["teacher_image"], plain[3][0])
@@ -198,10 +201,15 @@ def test_multilabel_dataset_views_and_flip(tmp_path):
         # the teacher view shares the student's flip
         expected = torch.flip(plain[i][0], dims=[2]) if flipped else plain[i][0]
         assert torch.equal(item["teacher_image"], expected)
+        assert item["flip"] == (flipped and not same)
         flips.append(flipped and not same)
     assert any(flips) and not all(flips)
     assert "teacher_image" not in datasets.MultiLabelDataset(
         paths, splits.train.labels_obs, splits.train.labels, 20, train=False)[0]
+    # A view replaces the student's own resize and normalisation, and gets the drawn flip.
+    viewed = datasets.MultiLabelDataset(paths, splits.train.labels_obs, splits.train.labels, 20, train=True,
+                                        view=teacher)
+    assert torch.equal(viewed[(4, True)]["image"], teacher(Image.open(paths[4]).convert("RGB"), True))
 
 
 def test_datasets_check_files_at_construction(tmp_path):

@@ -31,8 +31,6 @@ def test_teacher_is_frozen(teacher):
 def test_teacher_attributes(teacher):
     assert teacher.input_size == models.TINY_INPUT_SIZE
     assert teacher.embed_dim == models.TINY_CLIP_CONFIG["embed_dim"]
-    assert teacher.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
-    assert teacher.std == pytest.approx((0.26862954, 0.26130258, 0.27577711))
     assert isinstance(teacher.fingerprint, str) and len(teacher.fingerprint) == 64
 
 
