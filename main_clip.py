@@ -83,7 +83,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--max-drop", type=float, default=None,
                    help="stop a stage when val mAP falls more than this many points below its best (0: never; VLPL: 0)")
     g.add_argument("--pseudo-labels", choices=("cached", "online"), default="cached",
-                   help="cached: teacher once per image before training; online: teacher on every augmented batch (original)")
+                   help="cached: teacher once per image and flip before training; online: teacher on every augmented batch (original)")
     g.add_argument("--test-every-epoch", action="store_true", help="run the test phase every epoch, not only on a new best")
     g.add_argument("--train-mode", choices=sorted(engine.TRAIN_MODES), default="end_to_end",
                    help="end_to_end; linear_fixed_features: only the head, on cached frozen features; "
