@@ -2,21 +2,69 @@
 
 ``last.pt`` after every epoch holds everything a resume needs (model, optimizer, scaler, label
 state, method state, early stopping, logger); ``best.pt`` holds the weights of the best epoch by
-val mAP (strictly better than every earlier epoch). Both are written atomically by rank 0 and
-load with ``weights_only=True``.
+val mAP (strictly better than every earlier epoch). Both are written atomically by rank 0, load
+with ``weights_only=True`` and carry a checksum of their contents, verified at load: a damaged
+file is refused with one line, never silently replaced by a fresh start.
 """
 from __future__ import annotations
 
+import hashlib
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
 from distributed import Distributed
+from errors import RunError
 from fileio import atomic_torch_save
 from instrumentation import RunLogger
 
 LAST = "last.pt"
 BEST = "best.pt"
+CHECKSUM = "checksum"
+
+
+def checksum(obj) -> str:
+    """sha256 of a checkpoint's contents: tensors by dtype, shape and bytes, containers in order."""
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(f"D{len(value)}".encode())
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"{type(value).__name__}:{value!r}".encode())
+    feed(obj)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by ``CheckpointSaver``, its checksum verified (RunError, one line,
+    when it cannot be read or does not match)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise RunError(f"{path}: cannot read the checkpoint ({first_line}); restore it from a copy, or start the "
+                       f"run again under another --run-name") from error
+    if not isinstance(state, dict) or CHECKSUM not in state:
+        raise RunError(f"{path}: not a checkpoint of this code (no checksum)")
+    expected = state.pop(CHECKSUM)
+    if checksum(state) != expected:
+        raise RunError(f"{path}: damaged (its contents do not match its checksum); restore it from a copy, or "
+                       f"start the run again under another --run-name")
+    return state
 
 
 class CheckpointSaver:
@@ -38,12 +86,12 @@ class CheckpointSaver:
         self._write(LAST, state)
 
     def load_last(self) -> dict:
-        return torch.load(self.run_dir / LAST, map_location="cpu", weights_only=True)
+        return load_checkpoint(self.run_dir / LAST)
 
     def load_best(self) -> dict:
-        return torch.load(self.run_dir / BEST, map_location="cpu", weights_only=True)
+        return load_checkpoint(self.run_dir / BEST)
 
     def _write(self, name: str, state: dict) -> None:
         if self.dist.is_main:
-            atomic_torch_save(self.run_dir / name, state)
+            atomic_torch_save(self.run_dir / name, {**state, CHECKSUM: checksum(state)})
         self.dist.barrier()  # nobody reads a checkpoint before it is whole

@@ -424,17 +424,16 @@ class Trainer:
         logger.log(f"dataset {config['dataset']}: train {len(bench.train.images)}, val {len(bench.val.images)}, "
                    f"test {len(bench.test.images)} images, {self.num_classes} classes; device {self.device}; "
                    f"train mode {config['train_mode']}")
-        if self.pseudo_labeler is not None:
-            self.make_pseudo_labels()
-        if self.teacher is not None and not self.online:
-            self.teacher.cpu()  # its work is cached: free the accelerator's memory for training
-
         saved = self.restore() if config["resume"] else None
         last_epoch = saved["epoch"] if saved else 0
         if saved is None:
-            self.save_last(0, None)
+            self.save_last(0, None)  # from here on the folder is a started run: --resume continues it
         epoch = last_epoch + 1
         try:
+            if self.pseudo_labeler is not None:
+                self.make_pseudo_labels()
+            if self.teacher is not None and not self.online:
+                self.teacher.cpu()  # its work is cached: free the accelerator's memory for training
             for name, epochs, first in stage_schedule(config):
                 resumed_here = saved is not None and saved["stage"] == name and last_epoch >= first
                 if last_epoch >= first + epochs - 1 or (resumed_here and saved["early_stopping"]["stopped"]):
@@ -453,7 +452,8 @@ class Trainer:
                         break
         except KeyboardInterrupt:
             logger.log(f"interrupted during epoch {epoch}; {self.saver.last_path} holds the state after epoch "
-                       f"{epoch - 1}.")
+                       f"{epoch - 1}")
+            logger.close()
             raise
         summary = logger.finish(config, extra={"pseudo_labels": self.pseudo_report, "train_mode": config["train_mode"],
                                                "world_size": self.dist.world_size})

@@ -15,7 +15,9 @@ defaults and protocol (``resolve_config``), the checks made before anything is w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import shlex
 import sys
@@ -28,6 +30,7 @@ import datasets
 import engine
 import methods
 import models
+import rundir
 import teacher as teacher_module
 from distributed import Distributed, init_distributed
 from errors import RunError
@@ -107,36 +110,68 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-# What a saved configuration never carries over to a new run.
+# What a saved configuration never carries over: the run's name, and what to do with it.
 _NOT_CARRIED = {"resume", "config", "run_name"}
+# What may differ between a run's config.json and its resume without changing what it computes.
+_LOCATION = {"run_name", "output_dir", "config"}
 
 
-def apply_saved_config(args: argparse.Namespace) -> argparse.Namespace:
-    """``--config FILE``: the saved run's settings where the command line left a flag at its
-    default; the saved method's own settings only when the method stays the same."""
-    path = Path(args.config)
-    defaults = {action.dest: action.default for action in get_args_parser()._actions
-                if action.option_strings and action.dest != "help"}
+def _flag_defaults() -> dict:
+    return {action.dest: action.default for action in get_args_parser()._actions
+            if action.option_strings and action.dest != "help"}
+
+
+def read_saved_config(path: Path, what: str) -> dict:
+    """A run's config.json, checked: one line naming the file when it cannot be used."""
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise RunError(f"--config {path}: cannot read a run configuration ({error})") from error
+        raise RunError(f"{what} {path}: cannot read a run configuration ({error})") from error
     if not isinstance(saved, dict) or "loss" not in saved or "dataset" not in saved:
-        raise RunError(f"--config {path}: not a run's config.json (no loss / dataset)")
-    unknown = sorted(set(saved) - set(defaults))
+        raise RunError(f"{what} {path}: not a run's config.json (no loss / dataset)")
+    unknown = sorted(set(saved) - set(_flag_defaults()))
     if unknown:
-        raise RunError(f"--config {path}: settings this version does not know ({', '.join(unknown)}): "
+        raise RunError(f"{what} {path}: settings this version does not know ({', '.join(unknown)}): "
                        f"a config.json from an incompatible version")
-    if args.run_name is None:
-        raise RunError(f"--config {path} starts a new run: give it a new --run-name")
-    given = {dest for dest, default in defaults.items() if getattr(args, dest) != default}
+    return saved
+
+
+def _with_saved(args: argparse.Namespace, saved: dict, not_carried: set[str] = _NOT_CARRIED) -> argparse.Namespace:
+    """``args`` with the saved settings wherever a flag was left at its default; the saved
+    method's own settings only when the method stays the same."""
+    given = {dest for dest, default in _flag_defaults().items() if getattr(args, dest) != default}
     method = methods.get_method(args.loss if "loss" in given else saved["loss"])
     other_methods = set(methods.all_hyperparameters()) - {h.name for h in method.hyperparameters}
     args = argparse.Namespace(**vars(args))
     for key, value in saved.items():
-        if key not in given and key not in other_methods and key not in _NOT_CARRIED:
+        if key not in given and key not in other_methods and key not in not_carried:
             setattr(args, key, value)
     return args
+
+
+def apply_saved_config(args: argparse.Namespace) -> argparse.Namespace:
+    """``--config FILE``: a new run with the saved run's settings, flags set to other than their
+    defaults overriding them."""
+    path = Path(args.config)
+    saved = read_saved_config(path, "--config")
+    if args.run_name is None:
+        raise RunError(f"--config {path} starts a new run: give it a new --run-name")
+    return _with_saved(args, saved)
+
+
+def default_run_name(args: argparse.Namespace) -> str:
+    return f"{args.dataset}_{args.model}_{args.loss}_seed{args.seed}"
+
+
+def apply_resumed_config(args: argparse.Namespace) -> argparse.Namespace:
+    """``--resume``: the run continues as its config.json says, flags set to other than their
+    defaults overriding it (``prepare_run_dir`` refuses those that change what it computes)."""
+    run_dir = rundir.run_dir_for(args.output_dir, args.run_name or default_run_name(args))
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise RunError(f"--resume: {run_dir} holds no run (no config.json); start the run without --resume")
+    # The folder is where the command line says it is now (it may have been moved or renamed).
+    return _with_saved(args, read_saved_config(config_file, "--resume:"), _NOT_CARRIED | _LOCATION)
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -155,7 +190,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if config["image_size"] is None:
         config["image_size"] = models.input_size(args.model, tiny=args.tiny_models)
     if config["run_name"] is None:
-        config["run_name"] = f"{args.dataset}_{args.model}_{args.loss}_seed{args.seed}"
+        config["run_name"] = default_run_name(args)
     info = datasets.get_dataset_info(args.dataset)
     if config["text_features"] is None:
         config["text_features"] = str(datasets.dataset_dir(args.data_root, args.dataset) / info.text_feature_file)
@@ -170,6 +205,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 
 def _check_values(config: dict) -> None:
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RunError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
     positive = ["epochs", "bsize", "lr", "temp", "image_size", "head_epochs", "head_lr", "head_lr_mult"]
     for key in positive:
         if not config[key] > 0:
@@ -179,6 +217,8 @@ def _check_values(config: dict) -> None:
             raise RunError(f"--{key.replace('_', '-')} must be >= 0, got {config[key]}")
     if not 0.0 <= config["partial"] < 1.0:
         raise RunError(f"-p/--partial must be in [0, 1), got {config['partial']}")
+    if not 0.0 < config["threshold"] <= 1.0:
+        raise RunError(f"-th/--threshold must be in (0, 1] (a softmax probability), got {config['threshold']}")
     if config["pseudo_labels"] == "online" and config["train_mode"] != "end_to_end":
         raise RunError("--pseudo-labels online recomputes pseudo-labels on augmented images: it needs --train-mode end_to_end")
 
@@ -196,19 +236,21 @@ def select_device(gpu: int, dist: Distributed = Distributed()) -> torch.device:
 
 
 def prepare_run_dir(config: dict) -> Path:
-    """Refuse to overwrite a run unless resuming; on resume, refuse a changed configuration."""
-    run_dir = Path(config["output_dir"]) / config["run_name"]
+    """The run folder, checked before anything is written: a new run never goes into a started
+    one (or one holding other files); a resumed run keeps what it computes."""
+    run_dir = rundir.run_dir_for(config["output_dir"], config["run_name"])
     if config["resume"]:
-        if not (run_dir / "last.pt").is_file():
-            raise RunError(f"--resume: {run_dir / 'last.pt'} does not exist; start the run without --resume")
-        saved = json.loads((run_dir / "config.json").read_text())
-        changed = sorted(k for k in set(saved) | set(config)
-                         if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k))
+        saved = read_saved_config(run_dir / "config.json", "--resume:")
+        ignored = RESUMABLE_CHANGES | _LOCATION
+        changed = sorted(k for k in set(saved) | set(config) if k not in ignored and saved.get(k) != config.get(k))
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
             raise RunError(f"--resume with a different configuration ({details}); use the original flags or a new --run-name")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif rundir.is_started(run_dir):
         raise RunError(f"run folder {run_dir} already exists: pass --resume to continue it or choose another --run-name")
+    elif rundir.foreign_files(run_dir):
+        raise RunError(f"run folder {run_dir} holds files that are not a run's ({', '.join(rundir.foreign_files(run_dir)[:3])}); "
+                       f"choose another --run-name")
     return run_dir
 
 
@@ -247,6 +289,8 @@ def main(args: argparse.Namespace) -> dict:
     dist = init_distributed()
     if args.config is not None:
         args = apply_saved_config(args)
+    if args.resume:
+        args = apply_resumed_config(args)
     try:
         config = resolve_config(args)
         run_dir = prepare_run_dir(config)
@@ -255,18 +299,41 @@ def main(args: argparse.Namespace) -> dict:
         raise RunError(str(error)) from error
     dist.barrier()  # every rank has checked the run folder before rank 0 writes to it
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not config["resume"] and dist.is_main:
-        atomic_write_json(run_dir / "config.json", config)
-    trainer = engine.Trainer(config, run_dir, run_setup)
-    try:
-        summary = trainer.fit()
-    except KeyboardInterrupt:
-        trainer.logger.log("resume with: " + resume_command(config))
-        trainer.logger.close()
-        raise
+    with rundir.RunFolderLock(run_dir) if dist.is_main else contextlib.nullcontext():
+        started = rundir.is_started(run_dir)
+        dist.barrier()  # every rank has looked before rank 0 clears anything
+        notes = []
+        if dist.is_main:
+            saved = read_saved_config(run_dir / "config.json", "--resume:") if started else {}
+            notes = [f"resume with {k} {saved[k]!r} -> {config[k]!r}" for k in sorted(RESUMABLE_CHANGES & set(saved))
+                     if saved[k] != config[k] and k != "resume"]
+            removed = rundir.remove_temp_files(run_dir) if started else rundir.clear_unstarted(run_dir)
+            if removed:
+                notes.append(f"removed what an unfinished run left: {', '.join(removed)}")
+        if config["resume"] and not started:
+            config["resume"] = False
+            notes.append("--resume: the run stopped before its first checkpoint; starting it from the beginning")
+        if dist.is_main:
+            atomic_write_json(run_dir / "config.json", config)
+        try:
+            trainer = engine.Trainer(config, run_dir, run_setup)
+            for note in notes:
+                trainer.logger.log(note)
+            summary = trainer.fit()
+        except KeyboardInterrupt:
+            if dist.is_main:
+                print(f"interrupted; {next_step(config, run_dir)}", file=sys.stderr, flush=True)
+            raise
     if args.demo:
         print(DEMO_NOTICE)
     return summary
+
+
+def next_step(config: dict, run_dir: Path) -> str:
+    """What to run after an interruption: resume a started run, or run the same command again."""
+    if rundir.is_started(run_dir):
+        return f"{run_dir / rundir.LAST} holds the last finished epoch; continue with: {resume_command(config)}"
+    return f"no epoch finished; start again with: {resume_command(config)}"
 
 
 DEMO_NOTICE = ("DEMO: tiny randomly initialised models on synthetic data. Its mAP shows that the pipeline "
@@ -303,17 +370,10 @@ def setup(config: dict, dist: Distributed = Distributed()) -> engine.Setup:
 
 
 def resume_command(config: dict) -> str:
-    """The command line that continues this run: every flag whose value differs from its default, plus --resume."""
-    parts = ["python", "main_clip.py"]
-    for action in get_args_parser()._actions:
-        if not action.option_strings or action.dest not in config or action.dest == "resume":
-            continue
-        value = config[action.dest]
-        if value == action.default:
-            continue
-        flag = action.option_strings[-1]
-        parts += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
-    return " ".join(shlex.quote(p) for p in parts + ["--resume"])
+    """The command line that continues this run (its config.json holds the rest)."""
+    parts = ["python", "main_clip.py", "--output-dir", str(config["output_dir"]), "--run-name", config["run_name"],
+             "--resume"]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:

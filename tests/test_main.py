@@ -108,16 +108,36 @@ def test_bad_input_is_one_line_error_and_writes_nothing(demo_root, tmp_path, cap
     taken = tmp_path / "out" / "taken"
     taken.mkdir(parents=True)
     (taken / "log.txt").write_text("an earlier run\n")
+    (taken / "last.pt").write_bytes(b"a started run")
     message = cli_error(capsys, ["-d", "pascal", "--data-root", str(demo_root), "--run-name", "taken", *common])
     assert "--resume" in message
-    assert sorted(p.name for p in taken.iterdir()) == ["log.txt"]
+    assert sorted(p.name for p in taken.iterdir()) == ["last.pt", "log.txt"]
+    mine = tmp_path / "out" / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not a run's file\n")
+    assert "notes.txt" in cli_error(capsys, ["-d", "pascal", "--data-root", str(demo_root), "--run-name", "mine", *common])
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
-def test_resume_command_lists_the_changed_flags():
-    config = main_clip.resolve_config(main_clip.get_args_parser().parse_args(["-d", "coco", "-t", "0.02", "--tiny-models"]))
+def test_resume_continues_the_run_as_configured(demo_root, tmp_path):
+    out = tmp_path / "out"
+    first = main_clip.main(run_args(demo_root, tmp_path, "-l", "EM_PL", "-t", "0.02", "--alpha", "0.3",
+                                    "--epochs", "1", "--output-dir", str(out), "--run-name", "r"))
+    config = json.loads((out / "r" / "config.json").read_text())
     command = main_clip.resume_command(config)
-    assert command.startswith("python main_clip.py") and command.endswith("--resume")
-    assert "--dataset coco" in command and "--temp 0.02" in command and "--tiny-models" in command
+    assert command == f"python main_clip.py --output-dir {out} --run-name r --resume"
+    resume = main_clip.get_args_parser().parse_args(command.split()[2:])
+    # Without --epochs the run keeps its own count (1, not the default 10): nothing is left to do.
+    assert main_clip.main(resume) == first
+    more = main_clip.get_args_parser().parse_args(command.split()[2:] + ["--epochs", "2"])
+    assert main_clip.main(more)["epochs_run"] == 2
+    resumed = json.loads((out / "r" / "config.json").read_text())
+    assert resumed["epochs"] == 2 and resumed["temp"] == 0.02 and resumed["alpha"] == 0.3  # recorded
+    assert "resume with epochs 1 -> 2" in (out / "r" / "log.txt").read_text()
+    renamed = out / "renamed"
+    (out / "r").rename(renamed)  # a renamed run folder resumes under its new name
+    again = main_clip.get_args_parser().parse_args(["--output-dir", str(out), "--run-name", "renamed", "--resume"])
+    assert main_clip.main(again)["epochs_run"] == 2
 
 
 def test_demo_flags_keep_what_the_user_set():

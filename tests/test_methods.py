@@ -87,7 +87,7 @@ def test_the_command_line_comes_from_the_registry(tmp_path):
         main_clip.resolve_config(parser.parse_args(["-l", "EM", "--beta", "0.3"]))
     with pytest.raises(main_clip.RunError, match="--alpha must be >= 0.0"):
         main_clip.resolve_config(parser.parse_args(["-l", "EM", "--alpha", "-1"]))
-    with pytest.raises(main_clip.RunError, match="--beta-pos must be finite"):
+    with pytest.raises(main_clip.RunError, match="--beta-pos must be a finite number"):
         main_clip.resolve_config(parser.parse_args(["-l", "EM_PL", "--beta-pos", "nan"]))
 
 

@@ -1,0 +1,95 @@
+"""The run folder: where a run lives, and the rules that keep it whole (DESIGN section 7).
+
+A run folder is either a started run (``last.pt`` exists: ``--resume`` continues it) or not yet
+one (only files a run writes before its first checkpoint: the same command starts it again).
+While a run works in it, it holds an exclusive lock on the folder, so a second run into the
+same folder stops with one line instead of interleaving its files.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from errors import RunError
+
+LAST = "last.pt"
+# What a run writes into its folder (temporary files of atomic writes are ".<name>.*.tmp").
+RUN_FILES = frozenset({"config.json", "log.txt", "metrics.jsonl", "summary.json", LAST, "best.pt"})
+
+
+def run_dir_for(output_dir: str | os.PathLike, run_name: str) -> Path:
+    """``output_dir / run_name`` after checking that the name stays inside ``output_dir``."""
+    if not run_name or run_name in (".", "..") or "/" in run_name or os.sep in run_name \
+            or (os.altsep and os.altsep in run_name):
+        raise RunError(f"--run-name {run_name!r}: give a plain folder name (no path separators); "
+                       f"runs go under --output-dir")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunError(f"--output-dir {output_dir} is a file, not a folder")
+    return output_dir / run_name
+
+
+def is_started(run_dir: Path) -> bool:
+    return (run_dir / LAST).is_file()
+
+
+def _is_temp_file(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp") and \
+        any(path.name.startswith(f".{name}.") for name in RUN_FILES)
+
+
+def foreign_files(run_dir: Path) -> list[str]:
+    """Files in ``run_dir`` that no run writes (a folder holding them is not a run's)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir()
+                  if p.name not in RUN_FILES and not _is_temp_file(p) and not p.name.startswith("eval_"))
+
+
+def clear_unstarted(run_dir: Path) -> list[str]:
+    """Remove what a run left before its first checkpoint (nothing else); the names removed."""
+    if is_started(run_dir):
+        raise RuntimeError(f"{run_dir} holds a started run")
+    removed = []
+    for path in sorted(run_dir.iterdir()):
+        if path.name in RUN_FILES or _is_temp_file(path):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def remove_temp_files(run_dir: Path) -> list[str]:
+    """Temporary files of writes that a killed run never finished (only with the lock held)."""
+    removed = []
+    for path in sorted(run_dir.iterdir()):
+        if _is_temp_file(path):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+class RunFolderLock:
+    """An exclusive, non-blocking lock on the run folder for the life of a run (flock on the
+    folder itself: released when the process ends, however it ends)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunFolderLock:
+        fd = os.open(self.run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunError(f"run folder {self.run_dir} is in use by another run; wait for it to finish or "
+                           f"choose another --run-name") from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
