@@ -11,7 +11,6 @@ Under torchrun, ``distributed.Distributed`` shards the data and gathers predicti
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -296,10 +295,7 @@ class Trainer:
         """The student's input when it is not the backbone's own resize and normalisation: a
         backbone that copies the teacher's tower sees the teacher's view (at its own size), as
         the original fed its CLIP student the teacher's tensor."""
-        if not self.backbone.copies_clip_tower:
-            return None
-        return functools.partial(teacher_module.teacher_input, view=self.config["teacher_view"],
-                                 size=self.config["image_size"])
+        return teacher_module.student_view(self.backbone, self.config["teacher_view"], self.config["image_size"])
 
     def make_pseudo_labels(self) -> None:
         """The teacher runs once per official train image and flip; the pseudo-labels of both

@@ -33,7 +33,7 @@ import models
 import rundir
 import teacher as teacher_module
 from distributed import Distributed, init_distributed
-from errors import RunError
+from errors import RunError, exit_code
 from fileio import atomic_write_json
 
 # Settings that may change when a run is resumed without changing what it computes.
@@ -395,14 +395,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.demo:
         args = demo_args(args, given_flags(parser, argv))
-    try:
-        main(args)
-    except RunError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return exit_code(main, args)
 
 
 if __name__ == "__main__":

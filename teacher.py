@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import open_clip
@@ -74,6 +75,15 @@ def teacher_input(image: Image.Image, flip: bool, view: str, *, size: int = 336)
     if view not in TEACHER_VIEWS:
         raise ValueError(f"unknown teacher view {view!r}; choose one of: {', '.join(TEACHER_VIEWS)}")
     return TEACHER_VIEWS[view](image.convert("RGB"), bool(flip), size)
+
+
+def student_view(backbone: models.BackboneSpec, view: str, image_size: int) -> datasets.ImageView | None:
+    """A student's input when it is not its backbone's own resize and normalisation: a backbone
+    that copies the teacher's tower sees the teacher's view at its own size, as the original fed
+    its CLIP student the teacher's tensor."""
+    if not backbone.copies_clip_tower:
+        return None
+    return functools.partial(teacher_input, view=view, size=image_size)
 
 
 class Teacher(nn.Module):
@@ -171,28 +181,55 @@ def _text_features_command(dataset: str | None) -> str:
     return f"python preproc/make_text_features.py --dataset {dataset or 'NAME'}"
 
 
+def _warn_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# Rows whose norm is further than this from 1 are reported (files saved from fp16 features are
+# unit-norm to about 1e-3).
+UNIT_NORM_TOLERANCE = 1e-2
+
+
 def load_text_features(path: str | os.PathLike, num_classes: int, embed_dim: int, *,
-                       dataset: str | None = None) -> torch.Tensor:
-    """A K x D float32 ``.npy`` (rows used as stored). Errors name the file, the expected
-    K x D and the command that makes a matching file."""
+                       dataset: str | None = None, warn: Callable[[str], None] = _warn_stderr) -> torch.Tensor:
+    """A K x D float32 ``.npy``, rows used as stored (as the original code did). Errors name the
+    file, the expected K x D (or the bad row: zero or non-finite) and the command that makes a
+    matching file; rows that are not unit-norm are one line through ``warn`` (stderr)."""
     path = Path(path)
     expected = f"{num_classes} x {embed_dim} (classes x teacher embedding width)"
+    remake = f"`{_text_features_command(dataset)}`"
     if not path.is_file():
         raise FileNotFoundError(f"text features {path} not found; expected a {expected} .npy: "
-                                f"make it with `{_text_features_command(dataset)}`")
+                                f"make it with {remake}")
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
         raise ValueError(f"text features {path}: not a readable .npy ({error}); remake it with "
-                         f"`{_text_features_command(dataset)}`") from error
+                         f"{remake}") from error
     if array.ndim != 2 or array.shape != (num_classes, embed_dim):
         raise ValueError(f"text features {path} have shape {array.shape}, expected {expected}; "
-                         f"make matching ones with `{_text_features_command(dataset)}` (with the "
-                         f"teacher's --clip-weights)")
-    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
-        raise ValueError(f"text features {path}: need finite floats; remake them with "
-                         f"`{_text_features_command(dataset)}`")
+                         f"make matching ones with {remake} (with the teacher's --clip-weights)")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"text features {path}: need floats, got dtype {array.dtype}; remake them with {remake}")
+    norms = np.linalg.norm(array.astype(np.float64), axis=1)
+    for bad, what in ((~np.isfinite(array).all(axis=1), "holds a non-finite value"), (norms == 0, "is all zeros")):
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"text features {path}: row {row}{_class_name(dataset, row)} {what} "
+                             f"({int(bad.sum())} such rows); remake them with {remake}")
+    off = np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE
+    if off.any():
+        warn(f"warning: text features {path}: {int(off.sum())} of {len(norms)} rows are not unit-norm (norms "
+             f"{norms.min():.3g} to {norms.max():.3g}); they are used as stored, as the original code did")
     return torch.from_numpy(array.astype(np.float32))
+
+
+def _class_name(dataset: str | None, row: int) -> str:
+    """' (<class name>)' of ``row`` when the dataset is known, else ''."""
+    if dataset not in datasets.DATASETS:
+        return ""
+    names = datasets.get_dataset_info(dataset).class_names
+    return f" ({names[row]})" if row < len(names) else ""
 
 
 def pseudo_label_report(q: torch.Tensor | np.ndarray, clean_labels: np.ndarray,
