@@ -206,6 +206,9 @@ class RunLogger:
         self.best_test_ap = state["best_test_ap"]
         self.epochs_run = state["epochs_run"]
         keep = int(state.get("metrics_lines", self._metrics_lines))
+        if self._metrics_lines < keep:
+            self.log(f"resume: {METRICS_FILE} has {self._metrics_lines} of the {keep} phase records the checkpoint "
+                     f"expects (deleted or cut); the missing ones cannot be restored (summary.json is unaffected)")
         if self._metrics_lines > keep:
             lines = _complete_lines(self._metrics_path.read_text(encoding="utf-8"))[:keep]
             fileio.atomic_write_text(self._metrics_path, "".join(line + "\n" for line in lines))
@@ -289,7 +292,10 @@ def read_json(path: Path) -> tuple[dict | None, str | None]:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A finite number, else None (NaN or infinity are not results)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def _read_run(run_dir: Path) -> dict:
@@ -313,7 +319,10 @@ def _read_run(run_dir: Path) -> dict:
         row["best_epoch"] = summary.get("best_epoch")
         row["val"] = _number(summary.get("best_val_map"))
         row["test"] = _number(summary.get("best_test_map"))
-        if row["val"] is None:
+        for key, value in (("best_val_map", row["val"]), ("best_test_map", row["test"])):
+            if value is None and summary.get(key) is not None:
+                problems.append(f"summary.json has a {key} that is not a finite number ({summary.get(key)!r})")
+        if row["val"] is None and summary.get("best_val_map") is None:
             problems.append("summary.json has no best_val_map")
     if config is not None and summary is not None:
         # A setting left unset (None) counts as absent: a config written before its flag existed agrees.
@@ -380,11 +389,21 @@ def read_runs(paths: Iterable[Path]) -> list[dict]:
 
 
 def seed_groups(rows: list[dict]) -> dict[str, list[dict]]:
-    """Finished runs (config.json and a val mAP) grouped by their configuration without the seed."""
+    """Finished runs (config.json and a val mAP) grouped by their configuration without the seed.
+    A seed counts once per group: a second run of the same configuration and seed (a rerun) is
+    left out of the group, and its row says so."""
     groups: dict[str, list[dict]] = {}
-    for row in rows:
-        if row["group"] is not None and row["val"] is not None:
-            groups.setdefault(row["group"], []).append(row)
+    seen: dict[tuple, dict] = {}
+    for row in sorted(rows, key=lambda r: str(r["run_path"] or r["run"])):
+        if row["group"] is None or row["val"] is None:
+            continue
+        first = seen.setdefault((row["group"], json.dumps(row["seed"])), row)
+        if first is not row:
+            note = f"same configuration and seed as {first['run']}: left out of the means over seeds"
+            if note not in row["problems"]:
+                row["problems"].append(note)
+            continue
+        groups.setdefault(row["group"], []).append(row)
     return groups
 
 
@@ -401,6 +420,7 @@ def summarize(run_dirs: list[Path]) -> str:
 
 def summary_text(rows: list[dict]) -> str:
     """``summarize`` of rows already read (``read_runs``)."""
+    groups = seed_groups(rows)  # first: it notes reruns of a seed in their rows
     header = ["run", "dataset", "model", "loss", "seed", "best epoch", "val mAP", "test mAP", "notes"]
     body = [[row["run"], row["dataset"] or "?", row["model"] or "?", row["loss"] or "?",
              "?" if row["seed"] is None else row["seed"],
@@ -409,7 +429,6 @@ def summary_text(rows: list[dict]) -> str:
             for row in rows]
     text = _table(header, body)
 
-    groups = seed_groups(rows)
     several = [group for group in groups.values() if len(group) >= 2]
     if several:
         group_body = []
