@@ -1,7 +1,8 @@
 """Embedding caches: encoder outputs computed once per image and kept on disk (DESIGN section 6).
 
 ``cached_embeddings`` is the cache itself: keyed by everything the outputs depend on (encoder
-fingerprint, image list, size, normalisation), validated on read, written atomically.
+fingerprint, the image files by path, size and modification time, input size, normalisation),
+validated on read, written atomically.
 ``Encoder`` names one encoder with its input recipe; ``OfficialSetCache`` embeds every image of
 an official split with it, so one file serves every split seed and fraction.
 """
@@ -26,13 +27,35 @@ from distributed import Distributed
 from fileio import atomic_write
 
 
-_CACHE_FORMAT = 1
+# 2: images keyed by (path relative to the image root, size, modification time in ns), not by path.
+_CACHE_FORMAT = 2
 
 
-def cache_key_hash(key: dict, image_paths: Sequence[str], image_size: int, mean, std) -> str:
-    """sha256 of a canonical JSON of everything the cached embeddings depend on."""
-    images = hashlib.sha256("\n".join(str(p) for p in image_paths).encode()).hexdigest()
-    full = {"format": _CACHE_FORMAT, "key": key, "num_images": len(image_paths), "images": images,
+def image_identities(image_paths: Sequence[str | os.PathLike],
+                     root: str | os.PathLike | None = None) -> list[list]:
+    """What the cache knows of each image: [path, size in bytes, modification time in ns], the
+    path relative to ``root`` (absolute without it) in '/' form, so that every spelling of the
+    same files (relative, absolute, with '..') gives the same list. One ``os.stat`` per image, no
+    reading: an image replaced by other bytes gets a new modification time and so a new key
+    (a copy that keeps size and time, e.g. ``cp -p``, is taken for the same file). Missing or
+    empty images are errors naming them (``datasets.stat_image_files``)."""
+    stats = datasets.stat_image_files(image_paths)
+    base = os.path.abspath(root if root is not None else os.sep)
+    prefix = base.rstrip(os.sep) + os.sep
+    identities = []
+    for path, info in zip(image_paths, stats):
+        absolute = os.path.abspath(path)
+        relative = absolute[len(prefix):] if absolute.startswith(prefix) else os.path.relpath(absolute, base)
+        identities.append([relative.replace(os.sep, "/"), info.st_size, info.st_mtime_ns])
+    return identities
+
+
+def cache_key_hash(key: dict, image_paths: Sequence[str | os.PathLike], image_size: int, mean, std, *,
+                   root: str | os.PathLike | None = None) -> str:
+    """sha256 of a canonical JSON of everything the cached embeddings depend on: ``key``, each
+    image's ``image_identities`` (relative to ``root``) in order, the size and normalisation."""
+    images = hashlib.sha256(json.dumps(image_identities(image_paths, root), separators=(",", ":")).encode())
+    full = {"format": _CACHE_FORMAT, "key": key, "num_images": len(image_paths), "images": images.hexdigest(),
             "image_size": int(image_size), "mean": [float(m) for m in mean],
             "std": [float(s) for s in std]}
     return hashlib.sha256(json.dumps(full, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -69,16 +92,18 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
                       device: str | torch.device = "cpu", desc: str = "teacher",
                       log: Callable[[str], None] = _log_stderr, rank: int = 0, world_size: int = 1,
                       gather_rows: Callable | None = None,
-                      views: Callable[[Image.Image], list[torch.Tensor]] | None = None) -> np.ndarray:
+                      views: Callable[[Image.Image], list[torch.Tensor]] | None = None,
+                      root: str | os.PathLike | None = None) -> np.ndarray:
     """N x D float32 ``encode`` outputs of the images (resized to ``image_size``, normalised
     with ``mean``/``std``, no augmentation), computed once and cached in ``cache_file``.
     With ``views`` (image -> V input tensors, e.g. as is and flipped), N x V x D: the outputs of
     each view; ``key`` must then name the views' recipe.
 
     ``key`` names what else the outputs depend on (e.g. the encoder's weights fingerprint); it
-    is hashed with the image list, size and normalisation into the file. A file with another
-    key, the wrong shape, or that cannot be read is reported through ``log`` and rebuilt; the
-    new file is written atomically.
+    is hashed into the file with the images (``image_identities``: each file's path relative to
+    ``root``, absolute without it, its size and modification time), the size and normalisation.
+    A file with another key, the wrong shape, or that cannot be read is reported through ``log``
+    and rebuilt; the new file is written atomically.
 
     Under torchrun (``world_size`` > 1) each rank encodes every ``world_size``-th image from
     position ``rank``; ``gather_rows(indices, rows)`` must return every rank's rows, sorted by
@@ -88,7 +113,7 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
     image_paths = [str(p) for p in image_paths]
     if not image_paths:
         raise ValueError(f"{desc}: no images to embed for {cache_file}")
-    key_hash = cache_key_hash(key, image_paths, image_size, mean, std)
+    key_hash = cache_key_hash(key, image_paths, image_size, mean, std, root=root)
     if cache_file.exists():
         cached, reason = _read_cache(cache_file, key_hash, len(image_paths))
         if cached is not None:
@@ -163,4 +188,4 @@ class OfficialSetCache:
             encoder.mean, encoder.std, Path(self.cache_dir) / f"{encoder.prefix}-{fingerprint}-{phase}.npz",
             batch_size=self.batch_size, num_workers=self.num_workers, device=self.device,
             desc=f"{encoder.prefix} {phase}", log=self.log, rank=self.dist.rank, world_size=self.dist.world_size,
-            gather_rows=self.dist.gather_rows, views=encoder.views)
+            gather_rows=self.dist.gather_rows, views=encoder.views, root=self.image_dir)

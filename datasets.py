@@ -7,14 +7,18 @@ The benchmark construction follows DESIGN.md section 3 exactly: the formatted fi
 from __future__ import annotations
 
 import os
+import stat
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from errors import RunError
 from fileio import atomic_save_npy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -222,22 +226,25 @@ class FormattedData:
 def load_image_list(path: str | os.PathLike) -> np.ndarray:
     """Load a formatted image list as a 1-D str array.
 
-    Files written by other SPML code bases may hold object (pickled) arrays; only for this file
-    do we fall back to ``allow_pickle=True`` and convert the entries to str.
+    Never unpickles: a file holding an object (pickled) array, as some other SPML code bases
+    wrote, is refused with one line naming the file and the command that converts it
+    (``preproc/convert_image_list.py``, which unpickles only on the user's explicit request).
     """
     path = Path(path)
     try:
         images = np.load(path, allow_pickle=False)
     except ValueError as error:
-        if "allow_pickle" not in str(error):
-            raise ValueError(f"{path}: not a readable numpy file ({error})") from error
-        images = np.load(path, allow_pickle=True)
+        if "allow_pickle" in str(error):
+            raise ValueError(f"{path} holds a pickled object array, which is never loaded (unpickling a "
+                             f"file can run arbitrary code); if you trust the file, convert it once with: "
+                             f"python preproc/convert_image_list.py {path}") from None
+        raise ValueError(f"{path}: not a readable numpy file ({error})") from error
     if images.ndim != 1:
         raise ValueError(f"{path}: expected a 1-D list of image paths, got shape {images.shape}")
     if images.dtype.kind == "S":
         images = np.char.decode(images, "utf-8")
     elif images.dtype.kind != "U":
-        images = np.array([str(x) for x in images], dtype=np.str_)
+        raise ValueError(f"{path}: expected image paths (str), got dtype {images.dtype}")
     return images
 
 
@@ -380,18 +387,74 @@ def build_transform(image_size: int, train: bool, mean=IMAGENET_MEAN, std=IMAGEN
     return transforms.Compose(steps)
 
 
-def check_image_files(image_paths: Sequence[str | os.PathLike]) -> None:
-    """FileNotFoundError naming the first missing image (and how many are missing)."""
-    missing = [str(p) for p in image_paths if not os.path.isfile(p)]
+class UnreadableImageError(RunError, ValueError):
+    """An image file that cannot be decoded (empty, truncated, not an image). Its message is one
+    line naming the file, also when a DataLoader worker re-raises it: torch rebuilds the error
+    from the worker's whole traceback, whose last line is kept here."""
+
+    def __init__(self, message: str):
+        lines = str(message).strip().splitlines() or [""]
+        marker = f"{type(self).__name__}: "
+        super().__init__(lines[-1].split(marker, 1)[-1] if len(lines) > 1 else lines[0])
+
+
+def stat_image_files(image_paths: Sequence[str | os.PathLike]) -> list[os.stat_result]:
+    """One ``os.stat`` per image (no reading). FileNotFoundError naming the first missing image
+    (and how many are missing); UnreadableImageError naming the first empty one."""
+    stats, missing = [], []
+    for path in image_paths:
+        try:
+            result = os.stat(path)
+        except OSError:
+            result = None
+        if result is None or not stat.S_ISREG(result.st_mode):
+            missing.append(str(path))
+        stats.append(result)
     if missing:
         raise FileNotFoundError(f"image file not found: {missing[0]} ({len(missing)} of "
                                 f"{len(image_paths)} missing); check --data-root and the "
                                 f"dataset's data/<name>/README.md")
+    empty = [str(path) for path, result in zip(image_paths, stats) if result.st_size == 0]
+    if empty:
+        raise UnreadableImageError(f"image file is empty: {empty[0]} ({len(empty)} of {len(image_paths)} "
+                                   f"empty); replace it with the dataset's original file")
+    return stats
 
 
-def _open_rgb(path: str | os.PathLike) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+def check_image_files(image_paths: Sequence[str | os.PathLike]) -> None:
+    """Every image exists and is not empty: the cheap check (``stat_image_files``) made before
+    reading any image; a damaged image that is not empty is named when it is decoded (``open_rgb``)."""
+    stat_image_files(image_paths)
+
+
+# Modes PIL gives 16-bit grey images (PNG, TIFF; older Pillow gives 16-bit PNGs mode "I"), whose
+# convert("RGB") clips to 255 (a solid white image): their 0..65535 range is scaled to 8 bits.
+_HIGH_BIT_DEPTH_GREY = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+# What PIL raises for a damaged file (with LOAD_TRUNCATED_IMAGES False, a truncated file is an OSError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+                  Image.DecompressionBombError)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB; 16-bit grey is scaled (value / 257, rounded) instead of clipped."""
+    if image.mode in _HIGH_BIT_DEPTH_GREY:
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image file decoded as RGB (``to_rgb``); UnreadableImageError naming the file when it
+    cannot be decoded (truncated images are refused: PIL's LOAD_TRUNCATED_IMAGES stays False)."""
+    try:
+        with Image.open(path) as image:
+            return to_rgb(image)
+    except _DECODE_ERRORS as error:
+        reason = ("not an image file PIL can identify" if isinstance(error, UnidentifiedImageError)
+                  else f"{type(error).__name__}: {error}")
+        raise UnreadableImageError(f"cannot decode image {path} ({reason}); replace it with the dataset's "
+                                   f"original file") from error
 
 
 # (image, flip) -> the tensor a network receives: a view of a training image.
@@ -433,7 +496,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         of a train set draws its flip with torch.rand."""
         index, flip = item if isinstance(item, tuple) else (item, self.train and torch.rand(1).item() < 0.5)
         flip = bool(flip)
-        image = _open_rgb(self.image_paths[index])
+        image = open_rgb(self.image_paths[index])
         if self.view is not None:
             network_input = self.view(image, flip)
         else:
@@ -563,7 +626,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = _open_rgb(self.image_paths[index])
+        image = open_rgb(self.image_paths[index])
         if self.views is not None:
             return torch.stack(self.views(image)), int(index)
         return self.transform(image), int(index)
@@ -605,7 +668,6 @@ def load_benchmark(data_root: str | os.PathLike, name: str, val_frac: float = 0.
                              train=official_train.subset(train_idx),
                              val=official_train.subset(val_idx), test=official_val,
                              train_indices=train_idx, val_indices=val_idx)
-    if check_images:
-        check_image_files([path for phase in ("train", "val", "test")
-                           for path in splits.image_paths(phase)])
+    if check_images:  # that the files are there and not empty, before any long work
+        check_image_files([path for phase in ("train", "val", "test") for path in splits.image_paths(phase)])
     return splits

@@ -79,7 +79,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=None, help="training epochs (of each stage; VLPL: 10)")
     g.add_argument("--bsize", type=int, default=None, help="batch size (VLPL: 8; EM_APL per dataset)")
     g.add_argument("--lr", type=float, default=None, help="learning rate of the backbone (per method and dataset)")
-    g.add_argument("--optimizer", choices=sorted(engine.OPTIMIZERS), default=None, help="optimizer (VLPL: adam)")
+    g.add_argument("--optimizer", choices=sorted(engine.OPTIMIZERS), default=None,
+                   help="optimizer (VLPL: adam; sgd has momentum 0.9)")
+    g.add_argument("--weight-decay", type=float, default=None, help="weight decay of the optimizer (VLPL: 0)")
     g.add_argument("--head-lr-mult", type=float, default=None, help="the head's learning rate as a multiple of --lr (VLPL: 1)")
     g.add_argument("--patience", type=int, default=None,
                    help="stop a stage after this many epochs without a new best val mAP (0: never; VLPL: 0)")
@@ -212,7 +214,7 @@ def _check_values(config: dict) -> None:
     for key in positive:
         if not config[key] > 0:
             raise RunError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
-    for key in ("patience", "max_drop", "num_workers"):
+    for key in ("patience", "max_drop", "num_workers", "weight_decay"):
         if not config[key] >= 0:
             raise RunError(f"--{key.replace('_', '-')} must be >= 0, got {config[key]}")
     if not 0.0 <= config["partial"] < 1.0:

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+import datasets
 import saved_run
 from errors import RunError
 from fileio import atomic_write_text
@@ -60,10 +60,9 @@ def find_images(inputs: list[Path]) -> list[Path]:
 def decode_error(path: Path) -> str | None:
     """Why the image cannot be decoded, or None when it can."""
     try:
-        with Image.open(path) as image:
-            image.convert("RGB")  # decodes the whole image: a truncated file fails here
-    except Exception as error:  # PIL raises many types for bad files
-        return f"{type(error).__name__}: {error}"
+        datasets.open_rgb(path)  # decodes the whole image: a truncated file fails here
+    except datasets.UnreadableImageError as error:
+        return str(error)
     return None
 
 

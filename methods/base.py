@@ -50,7 +50,8 @@ class Hyperparameter:
 
 
 # The protocol every method has; a method's table overrides entries per dataset.
-PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", head_lr_mult=1.0, patience=0, max_drop=0.0)
+PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", weight_decay=0.0, head_lr_mult=1.0, patience=0,
+                         max_drop=0.0)
 
 # VLPL's settings (DESIGN section 5), shared by the methods of its results table.
 VLPL_DATASET_DEFAULTS = {

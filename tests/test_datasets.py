@@ -75,11 +75,12 @@ def test_load_formatted_roundtrip_and_object_images(tmp_path):
     assert data.images.dtype.kind == "U" and data.images.tolist() == names.tolist()
     np.testing.assert_array_equal(data.labels, labels)
     np.testing.assert_array_equal(data.labels_obs, obs)
-    # Files from other code bases may hold object arrays of str; they load unchanged.
+    # Files from other code bases may hold object arrays of str: never unpickled, the error
+    # names the file and the conversion (tests/test_inputs_hardening.py converts one).
     np.save(tmp_path / "pascal" / "formatted_val_images.npy",
             np.array(list(arrays["val"][0]), dtype=object), allow_pickle=True)
-    val = datasets.load_formatted(tmp_path, "pascal", "val")
-    assert val.images.dtype.kind == "U" and val.images.tolist() == arrays["val"][0].tolist()
+    with pytest.raises(ValueError, match="formatted_val_images.npy holds a pickled object array"):
+        datasets.load_formatted(tmp_path, "pascal", "val")
 
 
 def test_load_formatted_errors(tmp_path):

@@ -45,7 +45,7 @@ def write_release(root: Path, fixture: dict = FIXTURE) -> Path:
         for line, _ in rows:
             image = root / "Flickr" / Path(*line.split("\\"))
             image.parent.mkdir(parents=True, exist_ok=True)
-            image.touch()
+            image.write_bytes(b"x")  # a non-empty placeholder: load_benchmark refuses empty images
     return label_dir
 
 
