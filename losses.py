@@ -18,6 +18,7 @@ derivative where p is exactly 0 or 1, as the formula itself does.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -197,6 +198,9 @@ _COEFFICIENTS = {
     "EM_PL": _warmed_up(lambda observed, hp, epoch, pseudo, true: em_pl_coefficients(
         observed, pseudo, _hp(hp, "alpha"), _hp(hp, "beta_pos"), _hp(hp, "beta_neg"))),
     "EM_PL_ASL": _warmed_up(lambda observed, hp, epoch, pseudo, true: None),
+    "an_ls": lambda observed, hp, epoch, pseudo, true: an_ls_coefficients(observed, _hp(hp, "ls_coef")),
+    "wan": lambda observed, hp, epoch, pseudo, true: wan_coefficients(observed),
+    "epr": lambda observed, hp, epoch, pseudo, true: epr_coefficients(observed),  # plus _REGULARISERS["epr"]
 }
 
 
@@ -237,7 +241,8 @@ def mean_loss(matrix: Tensor) -> Tensor:
 def compute_loss(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: int = 1,
                  pseudo: Tensor | None = None, true: Tensor | None = None,
                  check_values: bool = True) -> Tensor:
-    """Scalar batch loss sum(L) / (B*K) of loss ``name``, after validating the inputs.
+    """Scalar batch loss sum(L) / (B*K) of loss ``name`` (plus its regulariser, ``_REGULARISERS``:
+    epr's), after validating the inputs.
 
     ``check_values=False`` skips the value-range checks (names, presence and shapes are always
     checked): for a training loop whose label matrices were validated once up front and whose
@@ -248,8 +253,8 @@ def compute_loss(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: 
     pseudo (EM_PL, EM_PL_ASL; required in every epoch so a missing one fails at the first
     batch, not after the warm-up) or true (bce, iun) is missing or out of range.
     """
-    if name not in LOSS_NAMES:
-        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
+    if name not in LOSS_NAMES + COLE_LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES + COLE_LOSS_NAMES)}")
     if not isinstance(preds, Tensor) or preds.dim() != 2:
         raise ValueError(f"compute_loss: preds must be a B x K torch.Tensor, got "
                          f"{tuple(preds.shape) if isinstance(preds, Tensor) else type(preds).__name__}")
@@ -269,4 +274,121 @@ def compute_loss(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: 
     if check_values and not bool(torch.stack(list(checks.values())).all()):
         failed = [message for message, ok in checks.items() if not bool(ok)]
         raise ValueError(f"compute_loss ({name}): {'; '.join(failed)}")
-    return mean_loss(loss_matrix(name, preds, observed, hp, epoch=epoch, pseudo=pseudo, true=true))
+    loss = mean_loss(loss_matrix(name, preds, observed, hp, epoch=epoch, pseudo=pseudo, true=true))
+    return loss + _REGULARISERS[name](preds, hp) if name in _REGULARISERS else loss
+
+
+# -- Large loss (Kim et al., CVPR 2022) -----------------------------------------------------------
+
+LARGE_LOSS_SCHEMES = ("LL-R", "LL-Ct", "LL-Cp")
+
+
+def large_loss(logits: Tensor, observed: Tensor, *, scheme: str, clean_rate: float,
+               delta_rel: float) -> tuple[Tensor, Tensor | None]:
+    """Large-loss rejection (LL-R) or correction (LL-Ct, LL-Cp) of assume-negative BCE, as the
+    authors' ``compute_batch_loss`` (snucml/LargeLossMatters, losses.py) chooses the entries.
+
+    L = BCE-with-logits(z, max(o, 0)) elementwise (unobserved and observed-negative entries are
+    negatives). With clean_rate = 1 (epoch 1) L is kept and ``corrected`` is None. Otherwise
+    k = ceil(B*K*delta_rel) for LL-Cp, ceil(B*K*(1 - clean_rate)) for LL-R and LL-Ct (capped at
+    B*K: the authors' ``topk`` raises beyond; k <= 0 modifies nothing); u = [o = 0] * L, the
+    loss of unobserved entries and 0 elsewhere; v = the k-th largest entry of u. Every entry with
+    u >= v (``not u < v``, ties with v included, so possibly more than k) is rejected (LL-R: 0)
+    or corrected (LL-Ct, LL-Cp: BCE against not(max(o, 0)), i.e. 1 on unobserved entries). When
+    v = 0 (k reaches the unobserved entries of positive loss) that is every entry, observed
+    positives too (corrected against 0), as in the authors' code.
+
+    Returns (mean of the B x K matrix, ``corrected``): the B x K mask u > v (strict: without
+    v's own entry and its ties) of the authors' ``correction_idx``, whose observed labels LL-Cp
+    sets to 1 permanently; it is computed with this scheme's k.
+    """
+    if scheme not in LARGE_LOSS_SCHEMES:
+        raise ValueError(f"unknown large-loss scheme {scheme!r}; choose one of: {', '.join(LARGE_LOSS_SCHEMES)}")
+    functional = torch.nn.functional
+    target = observed.clamp(min=0).to(logits.dtype)
+    loss_matrix = functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    if clean_rate == 1:
+        return loss_matrix.mean(), None
+    entries = logits.numel()
+    k = min(math.ceil(entries * (delta_rel if scheme == "LL-Cp" else 1 - clean_rate)), entries)
+    if k <= 0:
+        return loss_matrix.mean(), None
+    unobserved_loss = (observed == 0) * loss_matrix.detach()
+    threshold = torch.topk(unobserved_loss.flatten(), k).values[-1]
+    modified = ~(unobserved_loss < threshold)
+    if scheme == "LL-R":
+        replacement = torch.zeros_like(loss_matrix)
+    else:
+        replacement = functional.binary_cross_entropy_with_logits(logits, torch.logical_not(target).to(logits.dtype),
+                                                                  reduction="none")
+    final = torch.where(modified, replacement, loss_matrix)
+    return final.mean(), unobserved_loss > threshold
+
+
+# -- Cole et al. 2021 ("Multi-Label Learning from Single Positive Labels"; elijahcole/single-positive-
+# multi-label, losses.py): an_ls, wan and epr through compute_loss; ROLE's two-sided loss is role_loss.
+
+COLE_LOSS_NAMES = ("an_ls", "wan", "epr")
+
+
+def _indicator(mask: Tensor, like: Tensor) -> Tensor:
+    """1.0 where ``mask``, else 0.0, in ``like``'s dtype (a coefficient times it keeps its float64 value)."""
+    return mask.to(like.dtype)
+
+
+def an_ls_coefficients(observed: Tensor, ls_coef: float) -> Coefficients:
+    """Assume negative with label smoothing (their ``loss_an_ls``), with s = ls_coef:
+    (1-s)*nl(p) + s*nl(1-p) where o = 1; (1-s)*nl(1-p) + s*nl(p) where o = 0."""
+    positive, unobserved = _indicator(observed == 1, observed), _indicator(observed == 0, observed)
+    on_pos = positive * (1.0 - ls_coef) + unobserved * ls_coef
+    on_neg = positive * ls_coef + unobserved * (1.0 - ls_coef)
+    return on_pos, on_neg, 0.0
+
+
+def wan_coefficients(observed: Tensor) -> Coefficients:
+    """Weak assume negative (their ``loss_wan``): nl(p) where o = 1, nl(1-p) / (K-1) where o = 0."""
+    num_classes = observed.shape[-1]
+    if num_classes < 2:
+        raise ValueError(f"wan divides the unobserved terms by K - 1: it needs at least 2 classes, got {num_classes}")
+    return _indicator(observed == 1, observed), _indicator(observed == 0, observed) / (num_classes - 1), 0.0
+
+
+def epr_coefficients(observed: Tensor) -> Coefficients:
+    """The loss matrix of EPR (their ``loss_epr``): nl(p) where o = 1, nothing elsewhere; the
+    batch loss adds ``expected_positive_regulariser``."""
+    return _indicator(observed == 1, observed), 0.0, 0.0
+
+
+def expected_positive_regulariser(preds: Tensor, expected_num_pos: float) -> Tensor:
+    """Their ``expected_positive_regularizer(preds, k, norm='2') / K**2``: the squared gap between
+    the batch's mean number of predicted positives (sum over classes, mean over images) and the
+    expected number k, divided by K^2."""
+    return (preds.sum(1).mean(0) - expected_num_pos) ** 2 / preds.shape[1] ** 2
+
+
+def role_loss(preds: Tensor, estimated: Tensor, observed: Tensor, expected_num_pos: float) -> Tensor:
+    """ROLE's batch loss (their ``loss_role`` through ``compute_batch_loss``), from the classifier's
+    probabilities p and the label estimator's estimates e of the batch's rows (both B x K):
+
+    sum(0.5 * (A + E)) / (B*K) + 0.5 * (R(p) + R(e)), with
+    A = [o = 1]*nl(p) + e'*nl(p) + (1-e')*nl(1-p)   (the classifier's side, e' = e detached),
+    E = [o = 1]*nl(e) + p'*nl(e) + (1-p')*nl(1-e)   (the estimator's side, p' = p detached),
+    R = ``expected_positive_regulariser``. So the classifier's gradient comes from A and R(p) only,
+    the estimator's from E and R(e) only.
+    """
+    if estimated.shape != preds.shape or observed.shape != preds.shape:
+        raise ValueError(f"role_loss: preds {tuple(preds.shape)}, estimated {tuple(estimated.shape)} and observed "
+                         f"{tuple(observed.shape)} must have one B x K shape")
+    positive = _indicator(observed == 1, preds)
+    estimated_fixed, preds_fixed = estimated.detach(), preds.detach()
+    classifier = (positive + estimated_fixed) * neg_log(preds) + (1.0 - estimated_fixed) * neg_log(1.0 - preds)
+    estimator = (positive + preds_fixed) * neg_log(estimated) + (1.0 - preds_fixed) * neg_log(1.0 - estimated)
+    regulariser = expected_positive_regulariser(preds, expected_num_pos) \
+        + expected_positive_regulariser(estimated, expected_num_pos)
+    return mean_loss(0.5 * (classifier + estimator)) + 0.5 * regulariser
+
+
+# What compute_loss adds to sum(L) / (B*K) (``loss_coefficients`` gives L's coefficients only).
+_REGULARISERS = {
+    "epr": lambda preds, hp: expected_positive_regulariser(preds, _hp(hp, "expected_num_pos")),
+}

@@ -94,7 +94,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="end_to_end; linear_fixed_features: only the head, on cached frozen features; "
                         "linear_init: --head-epochs of that, then --epochs end to end from the best head")
     g.add_argument("--head-epochs", type=int, default=25, help="linear_init: head-only epochs before fine-tuning (Cole et al.: 25)")
-    g.add_argument("--head-lr", type=float, default=1e-4, help="learning rate of head-only epochs (frozen-feature modes)")
+    g.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of head-only epochs (frozen-feature modes; per method, VLPL: 1e-4)")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                    help="mixed precision for forward passes (fp16 with a gradient scaler, CUDA only)")
 
@@ -349,6 +350,9 @@ def setup(config: dict, dist: Distributed = Distributed()) -> engine.Setup:
     if method.needs_spatial_features and not backbone.spatial_output:
         raise RunError(f"-l {config['loss']} needs spatial features, which -m {config['model']} does not give; "
                        f"choose a convolutional backbone")
+    if dist.enabled and not method.runs_distributed:
+        raise RunError(f"-l {config['loss']} keeps per-process trainable state that torchrun would not synchronise; "
+                       f"run it in one process")
     needs_teacher = method.needs_pseudo_labels or backbone.copies_clip_tower
     models.check_weights_available(config["model"], backbone_weights=config["backbone_weights"],
                                    clip_weights=config["clip_weights"], need_teacher=needs_teacher,

@@ -9,11 +9,15 @@ import argparse
 
 from methods.base import CoefficientMethod, Hyperparameter, LossInputs, Method, PROTOCOL_DEFAULTS
 from methods.baselines import BCE, AssumeNegative, IgnoreUnobservedNegatives
+from methods.cole import ROLE, AssumeNegativeLabelSmoothing, ExpectedPositiveRegularizer, WeakAssumeNegative
 from methods.entropy import EM, EMAPL
+from methods.large_loss import LargeLossCorrectPermanent, LargeLossCorrectTemporary, LargeLossReject
 from methods.vlpl import EMPL, EMPLASL
 
 REGISTRY: dict[str, type[Method]] = {method.name: method for method in (
     BCE, AssumeNegative, IgnoreUnobservedNegatives, EM, EMAPL, EMPL, EMPLASL,
+    LargeLossReject, LargeLossCorrectTemporary, LargeLossCorrectPermanent,
+    AssumeNegativeLabelSmoothing, WeakAssumeNegative, ExpectedPositiveRegularizer, ROLE,
 )}
 
 __all__ = ["REGISTRY", "Method", "CoefficientMethod", "Hyperparameter", "LossInputs", "PROTOCOL_DEFAULTS",

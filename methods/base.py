@@ -50,8 +50,8 @@ class Hyperparameter:
 
 
 # The protocol every method has; a method's table overrides entries per dataset.
-PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", weight_decay=0.0, head_lr_mult=1.0, patience=0,
-                         max_drop=0.0)
+PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", weight_decay=0.0, head_lr_mult=1.0, head_lr=1e-4,
+                         patience=0, max_drop=0.0)
 
 # VLPL's settings (DESIGN section 5), shared by the methods of its results table.
 VLPL_DATASET_DEFAULTS = {
@@ -83,6 +83,8 @@ class Method:
     needs_clean_labels: ClassVar[bool] = False
     needs_spatial_features: ClassVar[bool] = False
     uses_train_predictions: ClassVar[bool] = False    # end_epoch reads predictions on the train split
+    # Extra parameters are per process: a method that has them is not synchronised under torchrun.
+    runs_distributed: ClassVar[bool] = True
 
     def __init__(self, hp: SimpleNamespace, labels: LabelState, stage_epochs: int):
         self.hp, self.labels, self.stage_epochs = hp, labels, stage_epochs

@@ -37,7 +37,12 @@ def random_labels(seed: int, batch: int = 7, classes: int = 6):
     return logits, observed, pseudo, clean
 
 
-@pytest.mark.parametrize("name", list(methods.REGISTRY))
+# The seven losses of DESIGN section 4, reachable through losses.compute_loss; the methods added
+# since have their formulas tested in their own files (test_large_loss.py, test_cole.py).
+SEVEN = [name for name in methods.REGISTRY if name in losses.LOSS_NAMES]
+
+
+@pytest.mark.parametrize("name", SEVEN)
 @pytest.mark.parametrize("epoch", [1, 3])
 def test_method_loss_equals_its_formula_values_and_gradients(name, epoch):
     method_class = methods.REGISTRY[name]
@@ -64,7 +69,7 @@ def test_method_loss_equals_its_formula_values_and_gradients(name, epoch):
 
 def test_only_the_vlpl_asl_loss_lacks_the_coefficient_form_after_warm_up():
     logits, observed, pseudo, clean = random_labels(seed=0)
-    without = {name for name, method_class in methods.REGISTRY.items()
+    without = {name for name, method_class in methods.REGISTRY.items() if name in SEVEN
                if method_class.from_config({h.name: HP[h.name] for h in method_class.hyperparameters},
                                            LabelState(observed, clean), 5)
                .label_coefficients(observed, pseudo, clean, epoch=HP["warmup_epoch"] + 1) is None}

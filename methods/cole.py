@@ -1,0 +1,137 @@
+"""Cole et al. 2021, "Multi-Label Learning from Single Positive Labels" (CVPR 2021; code:
+elijahcole/single-positive-multi-label): assume negative with label smoothing (``an_ls``), weak
+assume negative (``wan``), the expected-positive regulariser (``epr``) and ROLE (``role``), a
+learnable estimate of every training label trained jointly with the classifier.
+
+Their protocol, as far as their ``train.py`` records it: Adam without weight decay, the whole
+classifier at one learning rate (head multiplier 1), 10 epochs end to end (25 on frozen
+features; linear_init: 25 + 10), the best epoch by val mAP without early stopping, ROLE's
+estimates at 10x the learning rate (``lr_mult``), label smoothing 0.1 and the expected positives
+per image of ``EXPECTED_NUM_POS``. The end-to-end learning rate and batch size are the best of a
+search (batch 8 or 16, lr 1e-2 to 1e-5) that the code does not record per loss: the defaults
+here are this code base's (``VLPL_DATASET_DEFAULTS``). Their head-only stage of linear_init
+(an_ls: lr 1e-4, batch 8, NUS-WIDE 16; role: lr 1e-3, batch 16, CUB 8) is ``--head-lr`` and
+``--bsize`` on the command line (README).
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+
+import losses
+from methods.base import VLPL_DATASET_DEFAULTS, CoefficientMethod, Hyperparameter, Method
+
+# Expected positive labels per image, their lookup['expected_num_pos'] (COCO corrected to 2.9 in
+# their commit aefa578 "Correct the value of k for COCO").
+EXPECTED_NUM_POS = {"pascal": 1.5, "coco": 2.9, "nuswide": 1.9, "cub": 31.4}
+
+# ROLE's estimates learn at this multiple of the stage's learning rate (their P['lr_mult']).
+ROLE_LR_MULT = 10.0
+
+COLE_DATASET_DEFAULTS = {dataset: dict(lr=VLPL_DATASET_DEFAULTS[dataset]["lr"], expected_num_pos=expected)
+                         for dataset, expected in EXPECTED_NUM_POS.items()}
+
+EXPECTED_POSITIVES = Hyperparameter(
+    "expected_num_pos", float, "epr, role: expected positive labels per image, the expected-positive "
+    "regulariser's target (default per dataset, Cole et al.'s: VOC 1.5, COCO 2.9, NUS-WIDE 1.9, CUB 31.4)",
+    minimum=0.0)
+
+
+class AssumeNegativeLabelSmoothing(CoefficientMethod):
+    name = "an_ls"
+    description = "assume negative with label smoothing (Cole et al. 2021)"
+    hyperparameters = (Hyperparameter("ls_coef", float, "an_ls label smoothing coefficient", default=0.1,
+                                      minimum=0.0, maximum=1.0),)
+    dataset_defaults = COLE_DATASET_DEFAULTS
+
+    def label_coefficients(self, observed, pseudo, clean, epoch):
+        return losses.an_ls_coefficients(observed, self.hp.ls_coef)
+
+
+class WeakAssumeNegative(CoefficientMethod):
+    name = "wan"
+    description = "weak assume negative: unobserved labels are negatives of weight 1/(K-1) (Cole et al. 2021)"
+    dataset_defaults = COLE_DATASET_DEFAULTS
+
+    def label_coefficients(self, observed, pseudo, clean, epoch):
+        return losses.wan_coefficients(observed)
+
+
+class ExpectedPositiveRegularizer(Method):
+    """The observed positives' loss plus a regulariser on the batch's mean number of predicted
+    positives: not of ``losses.combine``'s form, so the autograd step trains it everywhere."""
+    name = "epr"
+    description = "observed positives plus the expected-positive regulariser (Cole et al. 2021)"
+    hyperparameters = (EXPECTED_POSITIVES,)
+    dataset_defaults = COLE_DATASET_DEFAULTS
+
+    def loss(self, inputs, epoch):
+        matrix = losses.combine(inputs.preds, *losses.epr_coefficients(inputs.observed))
+        return losses.mean_loss(matrix) + losses.expected_positive_regulariser(inputs.preds, self.hp.expected_num_pos)
+
+
+def _logit(p: float) -> float:
+    """Their ``inverse_sigmoid``: log(p / (1 - p)) with p clipped to [1e-5, 1 - 1e-5]."""
+    p = min(max(p, 1e-5), 1.0 - 1e-5)
+    return math.log(p / (1.0 - p))
+
+
+def initial_label_logits(observed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Their ``LabelEstimator`` initialisation, N x K logits: uniform in [-q, q] with
+    q = logit(0.5 + 0.1) where unobserved, logit(0.995) where observed positive, logit(0.005)
+    where observed negative (o = -1)."""
+    bound = _logit(0.5 + 0.1)
+    logits = bound * (2 * torch.rand(observed.shape, generator=generator) - 1)
+    logits[observed == 1] = _logit(0.995)
+    logits[observed == -1] = _logit(0.005)
+    return logits
+
+
+class ROLE(Method):
+    """Regularised online label estimation: an N x K matrix of label logits (one row per
+    training image, ``inputs.index``), their sigmoid the estimates, trained jointly with the
+    classifier through ``losses.role_loss`` at ``ROLE_LR_MULT`` times the stage's learning rate.
+
+    The estimates are the method's state (checkpoints, ``--resume``). Each training stage starts
+    them afresh, from the stage's observed labels and a generator seeded with the run's seed."""
+    name = "role"
+    description = "ROLE: jointly learned label estimates with the expected-positive regulariser (Cole et al. 2021)"
+    hyperparameters = (EXPECTED_POSITIVES,)
+    # Their linear_init protocol for ROLE trains the head stage at 1e-3 (with batch 16, CUB 8; one
+    # --bsize serves both stages here, so the batch stays the code base's default).
+    dataset_defaults = {dataset: dict(values, head_lr=1e-3) for dataset, values in COLE_DATASET_DEFAULTS.items()}
+    runs_distributed = False
+
+    def __init__(self, hp, labels, stage_epochs, seed: int = 0):
+        super().__init__(hp, labels, stage_epochs)
+        generator = torch.Generator().manual_seed(seed)
+        self.label_logits = torch.nn.Parameter(initial_label_logits(labels.observed, generator))
+
+    @classmethod
+    def from_config(cls, config, labels, stage_epochs):
+        """As ``Method.from_config``, the initial estimates drawn with the run's seed (-s)."""
+        hp = SimpleNamespace(**{h.name: config[h.name] for h in cls.hyperparameters})
+        return cls(hp, labels, stage_epochs, seed=config.get("seed", 0))
+
+    def estimates(self, index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """The label estimates (sigmoid of the logits) of rows ``index``."""
+        return torch.sigmoid(self.label_logits[index])
+
+    def loss(self, inputs, epoch):
+        return losses.role_loss(inputs.preds, self.estimates(inputs.index), inputs.observed,
+                                self.hp.expected_num_pos)
+
+    def parameter_groups(self):
+        return [([self.label_logits], ROLE_LR_MULT)]
+
+    def state_dict(self):
+        return {"label_logits": self.label_logits.detach().cpu().clone()}
+
+    def load_state_dict(self, state):
+        saved = state["label_logits"]
+        if tuple(saved.shape) != tuple(self.label_logits.shape):
+            raise ValueError(f"checkpoint ROLE label estimates {tuple(saved.shape)} for "
+                             f"{tuple(self.label_logits.shape)} training labels")
+        self.label_logits.data.copy_(saved)
