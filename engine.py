@@ -279,7 +279,7 @@ class Trainer:
         if model is None:
             clip_model = self.teacher.clip_model if self.teacher is not None else None
             model = models.build_model(config["model"], self.num_classes, backbone_weights=config["backbone_weights"],
-                                       clip_model=clip_model, tiny=config["tiny_models"])
+                                       clip_model=clip_model, tiny=config["tiny_models"], head=config["head"])
         self.model = model.to(self.device)
         if self.backbone.convolutional:
             # channels_last: the faster layout for convolutions, with cuDNN and with oneDNN on CPUs

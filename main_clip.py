@@ -52,6 +52,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help=f"single-positive method (EM_PL is VLPL). {_method_help()}")
     p.add_argument("-g", "--gpu", type=int, default=0, help="CUDA device index; without CUDA the run uses the CPU")
     p.add_argument("-m", "--model", default="resnet50", choices=models.BACKBONES, help="trainable backbone")
+    p.add_argument("--head", default="linear", choices=list(models.HEADS),
+                   help="classifier head: " + "; ".join(f"{name}: {head.description}" for name, head in models.HEADS.items()))
     p.add_argument("-t", "--temp", type=float, default=0.01, help="softmax temperature of the CLIP similarities")
     p.add_argument("-th", "--threshold", type=float, default=0.3, help="similarity above which a class becomes a positive pseudo-label")
     p.add_argument("-p", "--partial", type=float, default=0.0, help="fraction of classes (lowest similarity) that become negative pseudo-labels")
@@ -350,6 +352,13 @@ def setup(config: dict, dist: Distributed = Distributed()) -> engine.Setup:
     if method.needs_spatial_features and not backbone.spatial_output:
         raise RunError(f"-l {config['loss']} needs spatial features, which -m {config['model']} does not give; "
                        f"choose a convolutional backbone")
+    head = models.HEADS[config["head"]]
+    if head.spatial and not backbone.spatial_output:
+        raise RunError(f"--head {config['head']} reads a feature map, which -m {config['model']} does not give; "
+                       f"choose a convolutional backbone")
+    if head.spatial and config["train_mode"] != "end_to_end":
+        raise RunError(f"--head {config['head']} reads feature maps, which are not cached: it needs --train-mode "
+                       f"end_to_end")
     if dist.enabled and not method.runs_distributed:
         raise RunError(f"-l {config['loss']} keeps per-process trainable state that torchrun would not synchronise; "
                        f"run it in one process")

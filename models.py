@@ -77,7 +77,6 @@ class BackboneSpec:
     std: tuple[float, float, float]
     convolutional: bool                   # trained in channels_last
     feature_dim: int                      # pooled feature size at full size (tiny models differ)
-    spatial_output: bool                  # has a spatial feature map before pooling
     copies_clip_tower: bool               # starts as a copy of the CLIP teacher's vision tower
     build: BuildFn
     # Keys of the library's own classification layer, dropped from weight files.
@@ -88,6 +87,12 @@ class BackboneSpec:
     convert_state: Callable[[dict, nn.Module], dict] | None = None
     # Whether the library's download of the weights can be had now (cached or reachable).
     library_weights_available: Callable[[], bool] | None = None
+    # The built (pooled) backbone turned into one returning its B x D x H x W feature map.
+    spatial: Callable[[nn.Module], nn.Module] | None = None
+
+    @property
+    def spatial_output(self) -> bool:
+        return self.spatial is not None
 
 
 def _build_resnet50(tiny: bool, pretrained: bool, clip_model: CLIP | None) -> tuple[nn.Module, int]:
@@ -119,6 +124,22 @@ def _copy_clip_tower(tiny: bool, pretrained: bool, clip_model: CLIP | None) -> t
     return net, int(net.output_dim)
 
 
+def _resnet_feature_map(net: nn.Module) -> nn.Module:
+    # Everything before the global pooling and the (identity) classifier.
+    return nn.Sequential(*list(net.children())[:-2])
+
+
+class _TimmFeatureMap(nn.Module):
+    """A timm model's ``forward_features``: its last feature map, before the head's pooling and norm."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(x)
+
+
 def _convert_convnext_state(state: dict, net: nn.Module) -> dict:
     # Converts FB's original ConvNeXt checkpoints to timm names; timm files pass unchanged.
     from timm.models.convnext import checkpoint_filter_fn
@@ -143,23 +164,23 @@ def _resnet50_download_available() -> bool:
 def _convnext_spec(timm_name: str, fb_file: str) -> BackboneSpec:
     return BackboneSpec(
         448, datasets.IMAGENET_MEAN, datasets.IMAGENET_STD, convolutional=True, feature_dim=2048,
-        spatial_output=True, copies_clip_tower=False, build=_convnext_builder(timm_name),
+        copies_clip_tower=False, build=_convnext_builder(timm_name),
         classifier_prefixes=("head.fc.",),
         weights_hint=f"/path/to/model.safetensors (timm {timm_name}, or FB's {fb_file})",
         download=f"timm's download of {timm_name}", convert_state=_convert_convnext_state,
-        library_weights_available=_convnext_download_available(timm_name))
+        library_weights_available=_convnext_download_available(timm_name), spatial=_TimmFeatureMap)
 
 
 BACKBONE_SPECS: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec(
         448, datasets.IMAGENET_MEAN, datasets.IMAGENET_STD, convolutional=True, feature_dim=2048,
-        spatial_output=True, copies_clip_tower=False, build=_build_resnet50, classifier_prefixes=("fc.",),
+        copies_clip_tower=False, build=_build_resnet50, classifier_prefixes=("fc.",),
         weights_hint="/path/to/resnet50-0676ba61.pth (torchvision ResNet-50 ImageNet V1 state dict)",
         download="torchvision's ResNet50_Weights.IMAGENET1K_V1 download",
-        library_weights_available=_resnet50_download_available),
+        library_weights_available=_resnet50_download_available, spatial=_resnet_feature_map),
     "clip_vision": BackboneSpec(
         336, datasets.CLIP_MEAN, datasets.CLIP_STD, convolutional=False, feature_dim=768,
-        spatial_output=False, copies_clip_tower=True, build=_copy_clip_tower, classifier_prefixes=(),
+        copies_clip_tower=True, build=_copy_clip_tower, classifier_prefixes=(),
         weights_hint="--clip-weights (clip_vision copies the CLIP vision tower)", download="open_clip's download"),
     # timm's ConvNeXt-XL: ImageNet-22k weights, and 22k fine-tuned on 1k.
     "convnext_xlarge_22k": _convnext_spec("convnext_xlarge.fb_in22k", "convnext_xlarge_22k_224.pth"),
@@ -181,14 +202,43 @@ def input_size(backbone: str, tiny: bool = False) -> int:
     return TINY_INPUT_SIZE if tiny else spec.input_size
 
 
-class Classifier(nn.Module):
-    """A backbone returning pooled features (B x D) and a linear head (D -> K): one forward
-    path for every backbone."""
+class BoostLUHead(nn.Module):
+    """BoostLU (Kim et al., CVPR 2023): class activation maps from a 1x1 convolution over the
+    feature map, their positive part scaled by ``alpha``, averaged over space into logits."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, image_size: int):
+    def __init__(self, feature_dim: int, num_classes: int, alpha: float = 5.0):
+        super().__init__()
+        self.cam = nn.Conv2d(feature_dim, num_classes, kernel_size=1)
+        self.alpha = alpha
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        cam = self.cam(feature_map)
+        return torch.where(cam > 0, self.alpha * cam, cam).mean(dim=(2, 3))
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    build: Callable[[int, int], nn.Module]     # (feature size, classes) -> head
+    spatial: bool                              # reads the backbone's feature map, not pooled features
+    description: str
+
+
+# --head: the classifier on top of the backbone.
+HEADS: dict[str, HeadSpec] = {
+    "linear": HeadSpec(nn.Linear, False, "a linear layer on the pooled features (every method's default)"),
+    "boostlu": HeadSpec(BoostLUHead, True, "BoostLU: class activation maps, positive part x5, averaged (Kim et al. 2023)"),
+}
+
+
+class Classifier(nn.Module):
+    """A backbone and a head: pooled features (B x D) and a linear head (D -> K), or, for a head
+    that reads feature maps, the backbone's B x D x H x W map. One forward path for every backbone."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, image_size: int,
+                 head: str = "linear"):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.head = HEADS[head].build(feature_dim, num_classes)
         self.feature_dim = feature_dim
         self.input_size = image_size
 
@@ -204,7 +254,8 @@ class Classifier(nn.Module):
 
 def build_model(backbone: str, num_classes: int, *, backbone_weights: str | os.PathLike | None = None,
                 clip_model: CLIP | None = None, tiny: bool = False,
-                clip_weights: str | os.PathLike | None = None, pretrained: bool = True) -> Classifier:
+                clip_weights: str | os.PathLike | None = None, pretrained: bool = True,
+                head: str = "linear") -> Classifier:
     """The ``backbone`` with a ``num_classes`` head (DESIGN section 6).
 
     resnet50 / convnext: weights from ``backbone_weights`` when given, else the library download
@@ -215,8 +266,15 @@ def build_model(backbone: str, num_classes: int, *, backbone_weights: str | os.P
     ``pretrained=False``: the full-size architecture (or the tiny one with ``tiny``) with random
     weights; nothing is read or downloaded, so a weight file may not be named with it (a given
     ``clip_model`` is still copied as it is). For benchmarks of speed and memory.
+
+    ``head``: a ``HEADS`` entry; one that reads feature maps needs a backbone with a spatial output.
     """
     spec = backbone_spec(backbone)
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
+    if HEADS[head].spatial and spec.spatial is None:
+        raise ValueError(f"--head {head} reads a feature map, which -m {backbone} does not give; choose a "
+                         f"convolutional backbone")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if not pretrained and (backbone_weights is not None or clip_weights is not None):
@@ -233,7 +291,9 @@ def build_model(backbone: str, num_classes: int, *, backbone_weights: str | os.P
         if backbone_weights is not None:
             _load_backbone_weights(net, backbone_weights, backbone)
         size = input_size(backbone, tiny)
-    return Classifier(net, dim, num_classes, size)
+    if HEADS[head].spatial:
+        net = spec.spatial(net)  # after the weights are in: files hold the pooled backbone's names
+    return Classifier(net, dim, num_classes, size, head)
 
 
 # ----------------------------------------------------------------------------------------------

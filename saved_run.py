@@ -143,7 +143,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None =
     spec = models.backbone_spec(config["model"])
     clip_model = models.load_clip(tiny=config["tiny_models"], pretrained=False) if spec.copies_clip_tower else None
     model = models.build_model(config["model"], info.num_classes, tiny=config["tiny_models"], pretrained=False,
-                               clip_model=clip_model)
+                               clip_model=clip_model, head=config.get("head", "linear"))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
