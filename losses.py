@@ -388,6 +388,80 @@ def role_loss(preds: Tensor, estimated: Tensor, observed: Tensor, expected_num_p
     return mean_loss(0.5 * (classifier + estimator)) + 0.5 * regulariser
 
 
+# -- GR loss (IJCAI 2024; yan4xi1/GRLoss) and AEVLP's GPR loss (ICCV 2025; Fsoft-AIC/AEVLP) --------
+
+# Their own log epsilon (losses.py of both repositories), not this module's LOG_EPSILON.
+GPR_LOG_EPSILON = 1e-7
+
+
+def gpr_schedule(k_schedule, v_schedule, epoch: int, num_epochs: int) -> tuple[float, float, float, float]:
+    """(w, b, mu, sigma) at ``epoch`` (1-based) of ``num_epochs``, as their train.py moves them
+    (their ``linear_init`` n = 0): linear from (w0, b0) towards (wT, bT) counting from epoch - 1, so
+    epoch 1 has w0, b0 and the targets are never reached; from (mu0, sigma0) to (muT, sigmaT)
+    counting from epoch, so epoch 1 is already one step on and the last epoch has muT, sigmaT.
+    ``k_schedule`` = (w0, wT, b0, bT), ``v_schedule`` = (mu0, sigma0, muT, sigmaT)."""
+    w_0, w_max, b_0, b_max = k_schedule
+    mu_0, sigma_0, mu_max, sigma_max = v_schedule
+    w = w_0 + (w_max - w_0) * max(epoch - 1, 0) / num_epochs
+    b = b_0 + (b_max - b_0) * max(epoch - 1, 0) / num_epochs
+    mu = mu_0 + (mu_max - mu_0) * max(epoch, 0) / num_epochs
+    sigma = sigma_0 + (sigma_max - sigma_0) * max(epoch, 0) / num_epochs
+    return w, b, mu, sigma
+
+
+def gpr_loss(logits: Tensor, observed: Tensor, pseudo: Tensor | None, hp: Any, *, epoch: int,
+             num_epochs: int) -> Tensor:
+    """AEVLP's ``GPR_loss`` (with ``hp.use_pl`` false: the GR loss plus AEVLP's regulariser).
+
+    p = sigmoid(z); K = 1 / (1 + exp(-(w*p' + b))) and V = exp(-((p' - mu) / sigma)^2 / 2) of the
+    detached p', with (w, b, mu, sigma) = ``gpr_schedule``; nl(x) = -log(x + 1e-7);
+    L1(p) = (1 - p^q2) / q2, L2(p) = (1 - (1-p)^q3) / q3; f = q where o = 0 else o (q = 0 without
+    pseudo-labels). Entries, later rules winning:
+      nl(p)                               where o = 1;
+      V * (K*L1(p) + (1-K)*L2(p))          where f = 0;
+      with ``use_pl``: (1 - V') * (rho*nl(p) + (1-rho)*nl(1-p)) where o = 0 and q = 1, with
+      V' = min(max(V, 1 - lam1), 1 - lam2); V * nl(1-p) where f = -1 (observed negatives too).
+    Other entries are 0 (observed negatives without ``use_pl``). The loss is the mean of the B x K
+    matrix plus ``reg * expected_positive_regulariser(p, expected_num_pos)``.
+
+    Each rule is computed on its own entries only (the others see p = 1/2), so an entry's value
+    and gradient are those of its rule alone, as with their masked assignments.
+    """
+    preds = torch.sigmoid(logits)
+    detached = preds.detach()
+    w, b, mu, sigma = gpr_schedule(hp.k_schedule, hp.v_schedule, epoch, num_epochs)
+    k_weight = 1 / (1 + torch.exp(-(w * detached + b)))
+    v_weight = torch.exp(-0.5 * ((detached - mu) / sigma) ** 2)
+    use_pl = bool(hp.use_pl)
+    if use_pl and pseudo is None:
+        raise ValueError("gpr_loss: use_pl needs pseudo-labels (pseudo = B x K in {-1, 0, 1})")
+    final = torch.where(observed == 0, pseudo, observed) if use_pl else observed
+
+    def on(mask: Tensor) -> Tensor:
+        return torch.where(mask, preds, 0.5)
+
+    def nl(x: Tensor) -> Tensor:
+        return -torch.log(x + GPR_LOG_EPSILON)
+
+    q2, q3 = float(hp.q2), float(hp.q3)
+    loss = torch.zeros_like(preds)
+    positive = observed == 1
+    loss = torch.where(positive, nl(on(positive)), loss)
+    unknown = final == 0
+    p = on(unknown)
+    robust_1, robust_2 = (1 - torch.pow(p, q2)) / q2, (1 - torch.pow(1 - p, q3)) / q3
+    loss = torch.where(unknown, v_weight * (k_weight * robust_1 + (1 - k_weight) * robust_2), loss)
+    if use_pl:
+        pseudo_positive = (observed == 0) & (pseudo == 1)
+        clamped = torch.where(v_weight > 1 - hp.lam1, v_weight, 1 - hp.lam1)
+        clamped = torch.where(clamped < 1 - hp.lam2, clamped, 1 - hp.lam2)
+        p = on(pseudo_positive)
+        loss = torch.where(pseudo_positive, (1 - clamped) * (hp.rho * nl(p) + (1 - hp.rho) * nl(1 - p)), loss)
+        negative = final == -1
+        loss = torch.where(negative, v_weight * nl(1 - on(negative)), loss)
+    return loss.mean() + hp.reg * expected_positive_regulariser(preds, hp.expected_num_pos)
+
+
 # What compute_loss adds to sum(L) / (B*K) (``loss_coefficients`` gives L's coefficients only).
 _REGULARISERS = {
     "epr": lambda preds, hp: expected_positive_regulariser(preds, _hp(hp, "expected_num_pos")),

@@ -11,13 +11,14 @@ from methods.base import CoefficientMethod, Hyperparameter, LossInputs, Method, 
 from methods.baselines import BCE, AssumeNegative, IgnoreUnobservedNegatives
 from methods.cole import ROLE, AssumeNegativeLabelSmoothing, ExpectedPositiveRegularizer, WeakAssumeNegative
 from methods.entropy import EM, EMAPL
+from methods.gr import GR
 from methods.large_loss import LargeLossCorrectPermanent, LargeLossCorrectTemporary, LargeLossReject
 from methods.vlpl import EMPL, EMPLASL
 
 REGISTRY: dict[str, type[Method]] = {method.name: method for method in (
     BCE, AssumeNegative, IgnoreUnobservedNegatives, EM, EMAPL, EMPL, EMPLASL,
     LargeLossReject, LargeLossCorrectTemporary, LargeLossCorrectPermanent,
-    AssumeNegativeLabelSmoothing, WeakAssumeNegative, ExpectedPositiveRegularizer, ROLE,
+    AssumeNegativeLabelSmoothing, WeakAssumeNegative, ExpectedPositiveRegularizer, ROLE, GR,
 )}
 
 __all__ = ["REGISTRY", "Method", "CoefficientMethod", "Hyperparameter", "LossInputs", "PROTOCOL_DEFAULTS",

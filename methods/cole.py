@@ -34,7 +34,7 @@ COLE_DATASET_DEFAULTS = {dataset: dict(lr=VLPL_DATASET_DEFAULTS[dataset]["lr"], 
                          for dataset, expected in EXPECTED_NUM_POS.items()}
 
 EXPECTED_POSITIVES = Hyperparameter(
-    "expected_num_pos", float, "epr, role: expected positive labels per image, the expected-positive "
+    "expected_num_pos", float, "epr, role, GR: expected positive labels per image, the expected-positive "
     "regulariser's target (default per dataset, Cole et al.'s: VOC 1.5, COCO 2.9, NUS-WIDE 1.9, CUB 31.4)",
     minimum=0.0)
 
