@@ -227,8 +227,7 @@ def load_image_list(path: str | os.PathLike) -> np.ndarray:
     """Load a formatted image list as a 1-D str array.
 
     Never unpickles: a file holding an object (pickled) array, as some other SPML code bases
-    wrote, is refused with one line naming the file and the command that converts it
-    (``preproc/convert_image_list.py``, which unpickles only on the user's explicit request).
+    wrote, is refused with one line naming the file and how to get a plain one.
     """
     path = Path(path)
     try:
@@ -236,8 +235,9 @@ def load_image_list(path: str | os.PathLike) -> np.ndarray:
     except ValueError as error:
         if "allow_pickle" in str(error):
             raise ValueError(f"{path} holds a pickled object array, which is never loaded (unpickling a "
-                             f"file can run arbitrary code); if you trust the file, convert it once with: "
-                             f"python preproc/convert_image_list.py {path}") from None
+                             f"file can run arbitrary code); save the list again as a plain str array "
+                             f"(numpy: np.save(FILE, image_list.astype(str))) where it was made, or make the "
+                             f"formatted files with this project's preproc/format_*.py") from None
         raise ValueError(f"{path}: not a readable numpy file ({error})") from error
     if images.ndim != 1:
         raise ValueError(f"{path}: expected a 1-D list of image paths, got shape {images.shape}")

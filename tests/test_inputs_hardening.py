@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ import caches
 import datasets
 import main_clip
 import teacher as teacher_module
-from preproc import convert_image_list
 
 SIZE = 16
 MEAN, STD = datasets.CLIP_MEAN, datasets.CLIP_STD
@@ -215,35 +213,14 @@ def test_pickled_image_list_is_never_loaded(tmp_path, capsys):
     path = write_object_list(tmp_path, ["a.jpg", Payload(marker)])
     with pytest.raises(ValueError) as error:
         datasets.load_formatted(tmp_path, "pascal", "train")
-    one_line(str(error.value), str(path), "python preproc/convert_image_list.py " + str(path))
+    one_line(str(error.value), str(path), "save the list again as a plain str array", "preproc/format_*.py")
     assert not marker.exists()
     # Through the command line: one error line, exit status 2, no run folder.
     out = tmp_path / "results"
     error = cli_error(capsys, ["-d", "pascal", "-l", "an", "--data-root", str(tmp_path), "--output-dir", str(out),
                                "--tiny-models"])
-    one_line(error, "error: ", str(path), "convert_image_list.py")
+    one_line(error, "error: ", str(path), "preproc/format_*.py")
     assert not marker.exists() and not out.exists()
-
-
-def test_convert_image_list_on_request(tmp_path, monkeypatch, capsys):
-    names = ["x/0.jpg", "y/1.jpg", "z/2.jpg"]
-    path = write_object_list(tmp_path, [names[0], names[1].encode(), names[2]])
-    other = tmp_path / "bad_images.npy"
-    np.save(other, np.array(["a.jpg", 3], dtype=object), allow_pickle=True)
-    before = path.read_bytes()
-    # One bad file: an error line naming it, and no file is changed.
-    monkeypatch.setattr(sys, "argv", ["convert_image_list.py", str(path), str(other)])
-    with pytest.raises(SystemExit) as exit_info:
-        convert_image_list.run_script(convert_image_list.main, convert_image_list.get_args_parser())
-    one_line(str(exit_info.value.code), "error: ", str(other), "entry 1")
-    assert path.read_bytes() == before
-    no_files_but(tmp_path, "pascal", "bad_images.npy")
-    no_files_but(path.parent, *(f"formatted_train_{k}.npy" for k in ("images", "labels", "labels_obs")))
-
-    convert_image_list.main(convert_image_list.get_args_parser().parse_args([str(path)]))
-    assert f"{path}: 3 image paths" in capsys.readouterr().out
-    assert datasets.load_formatted(tmp_path, "pascal", "train").images.tolist() == names
-    assert np.load(path, allow_pickle=False).dtype.kind == "U"
 
 
 def test_data_readmes_do_not_promise_to_load_object_arrays():
@@ -251,7 +228,7 @@ def test_data_readmes_do_not_promise_to_load_object_arrays():
         text = " ".join(readme.read_text().split())
         assert "load as they are" not in text
         if "object" in text:
-            assert "never unpickled" in text and "preproc/convert_image_list.py" in text
+            assert "never unpickled" in text and "plain str array" in text
 
 
 # ---------------------------------------------------------------------------------------------
