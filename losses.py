@@ -213,7 +213,7 @@ def loss_coefficients(name: str, observed: Tensor, hp: Any, *, epoch: int = 1,
     can compute them once per epoch for the whole training set and index the batch's rows.
     """
     if name not in _COEFFICIENTS:
-        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(_COEFFICIENTS)}")
     return _COEFFICIENTS[name](observed, hp, epoch, pseudo, true)
 
 
@@ -253,8 +253,8 @@ def compute_loss(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: 
     pseudo (EM_PL, EM_PL_ASL; required in every epoch so a missing one fails at the first
     batch, not after the warm-up) or true (bce, iun) is missing or out of range.
     """
-    if name not in LOSS_NAMES + COLE_LOSS_NAMES:
-        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES + COLE_LOSS_NAMES)}")
+    if name not in _COEFFICIENTS:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(_COEFFICIENTS)}")
     if not isinstance(preds, Tensor) or preds.dim() != 2:
         raise ValueError(f"compute_loss: preds must be a B x K torch.Tensor, got "
                          f"{tuple(preds.shape) if isinstance(preds, Tensor) else type(preds).__name__}")

@@ -105,9 +105,13 @@ class Method:
             hyperparameter.check(config[hyperparameter.name])
 
     @classmethod
+    def hyperparameter_values(cls, config: dict) -> SimpleNamespace:
+        """This method's settings out of a resolved configuration."""
+        return SimpleNamespace(**{h.name: config[h.name] for h in cls.hyperparameters})
+
+    @classmethod
     def from_config(cls, config: dict, labels: LabelState, stage_epochs: int) -> Method:
-        hp = SimpleNamespace(**{h.name: config[h.name] for h in cls.hyperparameters})
-        return cls(hp, labels, stage_epochs)
+        return cls(cls.hyperparameter_values(config), labels, stage_epochs)
 
     # -- training --------------------------------------------------------------------------------
     def loss(self, inputs: LossInputs, epoch: int) -> Tensor:

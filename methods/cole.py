@@ -16,7 +16,6 @@ here are this code base's (``VLPL_DATASET_DEFAULTS``). Their head-only stage of 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import torch
 
@@ -112,8 +111,7 @@ class ROLE(Method):
     @classmethod
     def from_config(cls, config, labels, stage_epochs):
         """As ``Method.from_config``, the initial estimates drawn with the run's seed (-s)."""
-        hp = SimpleNamespace(**{h.name: config[h.name] for h in cls.hyperparameters})
-        return cls(hp, labels, stage_epochs, seed=config.get("seed", 0))
+        return cls(cls.hyperparameter_values(config), labels, stage_epochs, seed=config.get("seed", 0))
 
     def estimates(self, index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """The label estimates (sigmoid of the logits) of rows ``index``."""
