@@ -2,6 +2,8 @@
 
 Run from the repository root (CPU; several minutes on 2 cores with the defaults):
     python bench/epoch_cost.py [--num-train 16 --num-val 4 --num-test 20 --batch-size 8 --epochs 1]
+On a GPU (both designs on CUDA; more images, since a GPU epoch of 16 is too short to time):
+    python bench/epoch_cost.py --device cuda --num-train 256 --num-val 64 --num-test 320 --num-workers 8
 
 The default split sizes keep VOC 2012's proportions (train 4574 : val 1143 : test 5823).
 
@@ -75,7 +77,8 @@ class Meter:
     """Wall and process-CPU seconds per named phase, and how much CPU other processes took meanwhile
     (the machine is shared: a wall time measured while others run is too long)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.wall: dict[str, list[float]] = defaultdict(list)
         self.cpu: dict[str, list[float]] = defaultdict(list)
         self.other_cpu = 0.0
@@ -83,8 +86,10 @@ class Meter:
 
     @contextlib.contextmanager
     def measure(self, name: str):
+        self.synchronize()
         wall, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_seconds()
         yield
+        self.synchronize()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         self.wall[name].append(wall)
         self.cpu[name].append(cpu)
@@ -92,6 +97,11 @@ class Meter:
         if busy is not None and end_busy is not None:
             self.other_cpu += max(0.0, end_busy - busy - cpu)
             self.measured_wall += wall
+
+    def synchronize(self) -> None:
+        """Wait for queued accelerator work, so a phase's time includes its kernels."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def other_cores(self) -> float:
         """Mean number of cores other processes kept busy while this meter measured."""
@@ -111,6 +121,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="assumed number of those epochs with a new best val mAP (ours tests only then)")
     p.add_argument("-m", "--model", default="resnet50", choices=models.BACKBONES, help="trainable backbone")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers (0: load in the main process)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both designs run")
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="main_clip's --amp for both designs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--image-px", type=int, default=500, help="side of the synthetic JPEGs (VOC images are ~500 px)")
     p.add_argument("--tiny", action="store_true", help="tiny random models instead of the real ones (smoke test)")
@@ -124,6 +136,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     if args.num_train + args.num_val < 5:
         raise SystemExit("error: --num-train + --num-val must be at least 5 (the demo data's minimum)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: torch sees no CUDA device here; use --device cpu")
     if not 0 <= args.test_epochs <= args.project_epochs:
         raise SystemExit("error: --test-epochs must lie in [0, --project-epochs]")
 
@@ -143,7 +157,7 @@ def run_config(args: argparse.Namespace, root: Path, val_frac: float, design: st
     argv = ["-d", DATASET, "-l", LOSS, "-m", args.model, "--data-root", str(root / "data"),
             "--output-dir", str(root / "results"), "--run-name", design, "--epochs", str(args.project_epochs),
             "--bsize", str(args.batch_size), "--num-workers", str(args.num_workers), "--val-frac", repr(val_frac),
-            "--cache-dir", str(root / "cache")]
+            "--cache-dir", str(root / "cache"), "--amp", args.amp]
     if weights is not None:
         argv += ["--backbone-weights", str(weights)]
     if args.tiny:
@@ -223,20 +237,26 @@ def timed_epochs(run: engine.Trainer, design: str, epochs: int, meter: Meter) ->
                 run.logger.set_best_test(test)
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
+
+
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def warm_up(teacher: teacher_module.Teacher, model: str, tiny: bool, num_classes: int, batch: int) -> None:
+def warm_up(teacher: teacher_module.Teacher, model: str, tiny: bool, num_classes: int, batch: int,
+            device: torch.device) -> None:
     """One untimed teacher forward and one student forward/backward, so neither design pays for
-    first-call allocations."""
-    teacher.embed(torch.zeros(1, 3, teacher.input_size, teacher.input_size))
+    first-call allocations (or, on CUDA, for kernel selection)."""
+    teacher.to(device)
+    teacher.embed(torch.zeros(1, 3, teacher.input_size, teacher.input_size, device=device))
     student = models.build_model(model, num_classes, tiny=tiny, pretrained=False,
-                                 clip_model=teacher.clip_model if model == "clip_vision" else None)
+                                 clip_model=teacher.clip_model if model == "clip_vision" else None).to(device)
     size = student.input_size
     if models.backbone_spec(model).convolutional:  # the layout the Trainer trains in
         student = student.to(memory_format=torch.channels_last)
-    student(torch.zeros(min(batch, 2), 3, size, size)).sum().backward()
+    student(torch.zeros(min(batch, 2), 3, size, size, device=device)).sum().backward()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -250,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run(args: argparse.Namespace, root: Path) -> dict:
-    device = torch.device("cpu")
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     load_at_start = os.getloadavg()[0]
     val_frac = make_data(root / "data", args)
     benchmark = datasets.load_benchmark(root / "data", DATASET, val_frac=val_frac)
@@ -264,7 +284,7 @@ def _run(args: argparse.Namespace, root: Path) -> dict:
         torch.randn(num_classes, teacher.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
     setup = engine.Setup(device, benchmark, teacher, text_features)
     weights = None if args.tiny else random_backbone_file(args.model, num_classes, root / "backbone-random.pth")
-    warm_up(teacher, args.model, args.tiny, num_classes, args.batch_size)
+    warm_up(teacher, args.model, args.tiny, num_classes, args.batch_size, device)
 
     runs = {}
     for design in ("ours", "original"):
@@ -274,7 +294,7 @@ def _run(args: argparse.Namespace, root: Path) -> dict:
 
     # (b) ours: the one-time cache pass, then the epochs.
     ours = runs["ours"]
-    meters = {"ours": Meter(), "original": Meter()}
+    meters = {"ours": Meter(device), "original": Meter(device)}
     with meters["ours"].measure("cache"):
         ours.make_pseudo_labels()
     cache_s, cache_cpu = meters["ours"].wall["cache"][0], meters["ours"].cpu["cache"][0]
@@ -299,7 +319,8 @@ def _run(args: argparse.Namespace, root: Path) -> dict:
 
     input_size = models.input_size(args.model, tiny=args.tiny)
     lines = [
-        f"epoch cost on the CPU ({torch.get_num_threads()} threads, torch {torch.__version__}), random init, "
+        f"epoch cost on {device_name(device)} ({torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
+        f"--amp {args.amp}), random init, "
         f"nothing loaded{' [TINY MODELS: smoke test only]' if args.tiny else ''}",
         f"  student -m {args.model} at {input_size} px; teacher "
         f"{'tiny CLIP' if args.tiny else models.CLIP_MODEL_NAME} at {teacher.input_size} px "
