@@ -50,18 +50,27 @@ def image_identities(image_paths: Sequence[str | os.PathLike],
     return identities
 
 
+# The stored dtypes: float32, or float16 for outputs that are float16 values to begin with (AEVLP's
+# teacher ran in float16), which halves a multi-view cache.
+CACHE_DTYPES = ("float32", "float16")
+
+
 def cache_key_hash(key: dict, image_paths: Sequence[str | os.PathLike], image_size: int, mean, std, *,
-                   root: str | os.PathLike | None = None) -> str:
+                   root: str | os.PathLike | None = None, dtype: str = "float32") -> str:
     """sha256 of a canonical JSON of everything the cached embeddings depend on: ``key``, each
-    image's ``image_identities`` (relative to ``root``) in order, the size and normalisation."""
+    image's ``image_identities`` (relative to ``root``) in order, the size and normalisation, and
+    the stored dtype when it is not float32 (so float32 caches keep their keys)."""
     images = hashlib.sha256(json.dumps(image_identities(image_paths, root), separators=(",", ":")).encode())
     full = {"format": _CACHE_FORMAT, "key": key, "num_images": len(image_paths), "images": images.hexdigest(),
             "image_size": int(image_size), "mean": [float(m) for m in mean],
             "std": [float(s) for s in std]}
+    if dtype != "float32":
+        full["dtype"] = dtype
     return hashlib.sha256(json.dumps(full, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _read_cache(cache_file: Path, key_hash: str, num_images: int) -> tuple[np.ndarray | None, str]:
+def _read_cache(cache_file: Path, key_hash: str, num_images: int,
+                dtype: str = "float32") -> tuple[np.ndarray | None, str]:
     """(embeddings, '') when the file is a valid cache for ``key_hash``, else (None, reason)."""
     try:
         contents = np.load(cache_file, allow_pickle=False)
@@ -77,8 +86,8 @@ def _read_cache(cache_file: Path, key_hash: str, num_images: int) -> tuple[np.nd
         return None, f"is unreadable ({type(error).__name__}: {error})"
     if embeddings.ndim not in (2, 3) or embeddings.shape[0] != num_images:
         return None, f"has shape {embeddings.shape}, expected {num_images} rows"
-    if embeddings.dtype != np.float32 or not np.isfinite(embeddings).all():
-        return None, "holds non-float32 or non-finite values"
+    if embeddings.dtype != np.dtype(dtype) or not np.isfinite(embeddings).all():
+        return None, f"holds non-{dtype} or non-finite values"
     return embeddings, ""
 
 
@@ -93,8 +102,8 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
                       log: Callable[[str], None] = _log_stderr, rank: int = 0, world_size: int = 1,
                       gather_rows: Callable | None = None,
                       views: Callable[[Image.Image], list[torch.Tensor]] | None = None,
-                      root: str | os.PathLike | None = None) -> np.ndarray:
-    """N x D float32 ``encode`` outputs of the images (resized to ``image_size``, normalised
+                      root: str | os.PathLike | None = None, dtype: str = "float32") -> np.ndarray:
+    """N x D ``encode`` outputs (stored and returned as ``dtype``, one of ``CACHE_DTYPES``) of the images (resized to ``image_size``, normalised
     with ``mean``/``std``, no augmentation), computed once and cached in ``cache_file``.
     With ``views`` (image -> V input tensors, e.g. as is and flipped), N x V x D: the outputs of
     each view; ``key`` must then name the views' recipe.
@@ -113,9 +122,11 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
     image_paths = [str(p) for p in image_paths]
     if not image_paths:
         raise ValueError(f"{desc}: no images to embed for {cache_file}")
-    key_hash = cache_key_hash(key, image_paths, image_size, mean, std, root=root)
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"{desc}: cache dtype {dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
+    key_hash = cache_key_hash(key, image_paths, image_size, mean, std, root=root, dtype=dtype)
     if cache_file.exists():
-        cached, reason = _read_cache(cache_file, key_hash, len(image_paths))
+        cached, reason = _read_cache(cache_file, key_hash, len(image_paths), dtype)
         if cached is not None:
             log(f"{desc}: using cached embeddings {cache_file}")
             return cached
@@ -136,7 +147,7 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
             outputs.append(encode(flat).float().cpu().numpy().reshape(*images.shape[:images.dim() - 3], -1))
             rows.append(indices.numpy())
             bar.update(len(indices))
-    row_index, embeddings = np.concatenate(rows), np.concatenate(outputs).astype(np.float32)
+    row_index, embeddings = np.concatenate(rows), np.concatenate(outputs).astype(dtype)
     if world_size > 1:
         row_index, embeddings = gather_rows(row_index, embeddings)
     if not np.array_equal(row_index, np.arange(len(dataset))):
@@ -164,6 +175,7 @@ class Encoder:
     mean: tuple
     std: tuple
     views: Callable[[Image.Image], list[torch.Tensor]] | None = None   # several inputs per image
+    dtype: str = "float32"         # as stored (CACHE_DTYPES)
 
 
 @dataclass
@@ -182,10 +194,11 @@ class OfficialSetCache:
 
     def embeddings(self, phase: str, encoder: Encoder) -> np.ndarray:
         formatted = datasets.load_formatted(self.data_root, self.dataset, phase)
-        fingerprint = cache_key_hash(encoder.key, [], encoder.image_size, encoder.mean, encoder.std)[:16]
+        fingerprint = cache_key_hash(encoder.key, [], encoder.image_size, encoder.mean, encoder.std,
+                                     dtype=encoder.dtype)[:16]
         return cached_embeddings(
             encoder.encode, encoder.key, [str(self.image_dir / p) for p in formatted.images], encoder.image_size,
             encoder.mean, encoder.std, Path(self.cache_dir) / f"{encoder.prefix}-{fingerprint}-{phase}.npz",
             batch_size=self.batch_size, num_workers=self.num_workers, device=self.device,
             desc=f"{encoder.prefix} {phase}", log=self.log, rank=self.dist.rank, world_size=self.dist.world_size,
-            gather_rows=self.dist.gather_rows, views=encoder.views, root=self.image_dir)
+            gather_rows=self.dist.gather_rows, views=encoder.views, root=self.image_dir, dtype=encoder.dtype)

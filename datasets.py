@@ -491,10 +491,16 @@ class MultiLabelDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_paths)
 
-    def __getitem__(self, item: int | tuple[int, bool]) -> dict:
-        """``item`` is an index, or ``(index, flip)`` from ``AugmentationSampler``; a plain index
-        of a train set draws its flip with torch.rand."""
-        index, flip = item if isinstance(item, tuple) else (item, self.train and torch.rand(1).item() < 0.5)
+    def __getitem__(self, item: int | tuple) -> dict:
+        """``item`` is an index, or ``(index, flip)`` or ``(index, flip, view_flips)`` from
+        ``AugmentationSampler``; a plain index of a train set draws its flip with torch.rand.
+        ``view_flips`` (the teacher views' own flips) pass through as a bool tensor."""
+        view_flips = None
+        if isinstance(item, tuple):
+            index, flip, *rest = item
+            view_flips = rest[0] if rest else None
+        else:
+            index, flip = item, self.train and torch.rand(1).item() < 0.5
         flip = bool(flip)
         image = open_rgb(self.image_paths[index])
         if self.view is not None:
@@ -505,6 +511,8 @@ class MultiLabelDataset(torch.utils.data.Dataset):
                "index": int(index), "flip": flip}
         if self.teacher_view is not None:
             out["teacher_image"] = self.teacher_view(image, flip)
+        if view_flips is not None:
+            out["view_flips"] = torch.as_tensor(view_flips, dtype=torch.bool)
         return out
 
 
@@ -517,35 +525,49 @@ class AugmentationSampler(torch.utils.data.Sampler):
     ``world_size``-th item from position ``rank``, after padding the permutation with its own
     first items to a multiple of ``world_size`` (as DistributedSampler does), so all ranks run
     the same number of batches.
+
+    With ``num_view_flips`` V > 0, each item also carries V flips of its own, one per teacher
+    view (AEVLP flips each view independently of the student's image), drawn after the order
+    and the flips (so V = 0 draws exactly what it always drew): items are then
+    ``(index, flip, view_flips)``.
     """
 
     def __init__(self, num_items: int, generator: torch.Generator, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, num_view_flips: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        if num_view_flips < 0:
+            raise ValueError(f"num_view_flips must be >= 0, got {num_view_flips}")
         self.num_items = num_items
         self.generator = generator
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
+        self.num_view_flips = num_view_flips
 
     def __len__(self) -> int:
         return -(-self.num_items // self.world_size)
 
-    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's indices and flips of the next pass, as tensors (what ``__iter__`` yields)."""
+    def draw(self) -> tuple[torch.Tensor, ...]:
+        """This rank's indices and flips of the next pass, and the view flips when there are
+        any, as tensors (what ``__iter__`` yields)."""
         order = (torch.randperm(self.num_items, generator=self.generator) if self.shuffle
                  else torch.arange(self.num_items))
-        flips = torch.rand(self.num_items, generator=self.generator) < 0.5
+        drawn = [order, torch.rand(self.num_items, generator=self.generator) < 0.5]
+        if self.num_view_flips:
+            drawn.append(torch.rand(self.num_items, self.num_view_flips, generator=self.generator) < 0.5)
         padding = len(self) * self.world_size - self.num_items
         if padding:
-            order, flips = torch.cat([order, order[:padding]]), torch.cat([flips, flips[:padding]])
+            drawn = [torch.cat([values, values[:padding]]) for values in drawn]
         mine = slice(self.rank, None, self.world_size)
-        return order[mine], flips[mine]
+        return tuple(values[mine] for values in drawn)
 
     def __iter__(self):
-        order, flips = self.draw()
-        return iter(zip(order.tolist(), flips.tolist()))
+        drawn = self.draw()
+        if self.num_view_flips:
+            order, flips, view_flips = drawn
+            return iter(zip(order.tolist(), flips.tolist(), map(tuple, view_flips.tolist())))
+        return iter(zip(*(values.tolist() for values in drawn)))
 
 
 class FeatureDataset(torch.utils.data.Dataset):

@@ -26,6 +26,7 @@ import datasets
 import losses
 import methods
 import models
+import pseudo_labels
 import teacher as teacher_module
 from caches import Encoder, OfficialSetCache
 from checkpoint import CheckpointSaver
@@ -267,13 +268,13 @@ class Trainer:
                                       Path(config["cache_dir"]), batch_size=max(config["bsize"], 32),
                                       num_workers=config["num_workers"], device=self.device, log=self.logger.log,
                                       dist=self.dist)
-        self.pseudo_labeler = None
-        if setup.text_features is not None:
-            self.pseudo_labeler = teacher_module.PseudoLabeler(setup.text_features, config["temp"],
-                                                               config["threshold"], config["partial"])
-        self.online = config["pseudo_labels"] == "online" and self.pseudo_labeler is not None
         self.teacher_embeddings: np.ndarray | None = None  # raw, whole official train set
-        self.pseudo_report: dict | None = None
+        self.labels = LabelState(self.benchmark.train.labels_obs, self.benchmark.train.labels)
+        # The method's pseudo-label rule (pseudo_labels.RULES), when it needs pseudo-labels.
+        self.pseudo_labels: pseudo_labels.PseudoLabelRule | None = None
+        if setup.text_features is not None:
+            self.pseudo_labels = pseudo_labels.RULES[self.method_class.pseudo_label_rule](self)
+        self.online = self.pseudo_labels is not None and self.pseudo_labels.online
 
         torch.manual_seed(config["seed"])
         if model is None:
@@ -286,7 +287,6 @@ class Trainer:
             # (1.26x per ResNet-50 training step on a 2-core CPU, bench/channels_last.py).
             self.model = self.model.to(memory_format=torch.channels_last)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config["amp"] == "fp16")
-        self.labels = LabelState(self.benchmark.train.labels_obs, self.benchmark.train.labels)
 
     # -- teacher and feature caches ------------------------------------------------------------
     def teacher_encoder(self, flips: bool = True) -> Encoder:
@@ -300,17 +300,8 @@ class Trainer:
         return teacher_module.student_view(self.backbone, self.config["teacher_view"], self.config["image_size"])
 
     def make_pseudo_labels(self) -> None:
-        """The teacher runs once per official train image and flip; the pseudo-labels of both
-        flips come from its cached embeddings, and each batch takes those of the flips it drew."""
-        if self.teacher_embeddings is None:
-            self.teacher_embeddings = self.cache.embeddings("train", self.teacher_encoder())
-        embeddings = torch.from_numpy(self.teacher_embeddings[self.benchmark.train_indices]).to(self.device)
-        as_is, flipped = (self.pseudo_labeler.from_embeddings(torch.nn.functional.normalize(embeddings[:, flip], dim=-1))
-                          for flip in (0, 1))
-        self.labels.set_pseudo(as_is, flipped)
-        self.pseudo_report = teacher_module.pseudo_label_report(self.labels.pseudo, self.benchmark.train.labels)
-        self.logger.log("pseudo-labels (cached teacher, vs clean train labels): "
-                        + ", ".join(f"{k} {v:.4g}" for k, v in self.pseudo_report.items()))
+        """The teacher's one-time work for the method's pseudo-labels (its rule's ``prepare``)."""
+        self.pseudo_labels.prepare()
 
     def backbone_features(self) -> dict[str, np.ndarray]:
         """Frozen backbone features of the train / val / test images (eval transform, cached).
@@ -355,7 +346,7 @@ class Trainer:
             net, eval_batch = self.model.head, max(config["bsize"], 1024)
             groups = [{"params": list(net.parameters()), "lr": config["head_lr"]}]
         else:
-            teacher_view = self.teacher.view(config["teacher_view"]) if self.online else None
+            teacher_view = self.pseudo_labels.teacher_view() if self.pseudo_labels is not None else None
             student_view = self.student_view()
 
             def image_set(split, train: bool, view=None):
@@ -371,6 +362,8 @@ class Trainer:
             groups = [{"params": list(self.model.backbone.parameters()), "lr": config["lr"]},
                       {"params": list(self.model.head.parameters()), "lr": config["lr"] * config["head_lr_mult"]}]
         self.labels.restart()
+        if self.pseudo_labels is not None:
+            self.pseudo_labels.restart()
         method = self.method_class.from_config(config, self.labels, epochs).to(self.device)
         base_lr = groups[0]["lr"]
         groups += [{"params": params, "lr": base_lr * multiplier} for params, multiplier in method.parameter_groups()]
@@ -378,8 +371,9 @@ class Trainer:
         loaders = {phase: make_loader(ds, eval_batch, config["num_workers"],
                                       sampler=range(dist.rank, len(ds), dist.world_size))
                    for phase, ds in phase_sets.items()}
-        train_sampler = datasets.AugmentationSampler(len(phase_sets["train"]), generator, rank=dist.rank,
-                                                     world_size=dist.world_size)
+        train_sampler = datasets.AugmentationSampler(
+            len(phase_sets["train"]), generator, rank=dist.rank, world_size=dist.world_size,
+            num_view_flips=self.pseudo_labels.num_view_flips if self.pseudo_labels is not None else 0)
         loaders["train"] = make_loader(phase_sets["train"], config["bsize"] // dist.world_size, config["num_workers"],
                                        sampler=train_sampler)
         optimizer = OPTIMIZERS[config["optimizer"]](groups, config["weight_decay"])
@@ -397,6 +391,7 @@ class Trainer:
             scaler=self.scaler.state_dict(), stage=stage.name if stage else None,
             optimizer=stage.optimizer.state_dict() if stage else None,
             labels=self.labels.state_dict() if stage else None,
+            pseudo_labels=self.pseudo_labels.state_dict() if stage and self.pseudo_labels is not None else None,
             method=stage.method.state_dict() if stage else None,
             early_stopping=stage.stopping.state_dict() if stage else None))
 
@@ -411,6 +406,8 @@ class Trainer:
     def restore_stage(self, stage: Stage, state: dict) -> None:
         stage.optimizer.load_state_dict(state["optimizer"])
         self.labels.load_state_dict(state["labels"])
+        if self.pseudo_labels is not None and state.get("pseudo_labels"):
+            self.pseudo_labels.load_state_dict(state["pseudo_labels"])
         stage.method.load_state_dict(state["method"])
         stage.stopping.load_state_dict(state["early_stopping"])
 
@@ -428,7 +425,7 @@ class Trainer:
             self.save_last(0, None)  # from here on the folder is a started run: --resume continues it
         epoch = last_epoch + 1
         try:
-            if self.pseudo_labeler is not None:
+            if self.pseudo_labels is not None:
                 self.make_pseudo_labels()
             if self.teacher is not None and not self.online:
                 self.teacher.cpu()  # its work is cached: free the accelerator's memory for training
@@ -453,7 +450,8 @@ class Trainer:
                        f"{epoch - 1}")
             logger.close()
             raise
-        summary = logger.finish(config, extra={"pseudo_labels": self.pseudo_report, "train_mode": config["train_mode"],
+        report = self.pseudo_labels.report if self.pseudo_labels is not None else None
+        summary = logger.finish(config, extra={"pseudo_labels": report, "train_mode": config["train_mode"],
                                                "world_size": self.dist.world_size})
         logger.close()
         return summary
@@ -478,6 +476,9 @@ class Trainer:
                 logger.set_best_test(test)
         stage.method.end_epoch(stage.epoch_in_stage(epoch), lambda: self.train_predictions(epoch, stage))
         self.labels.sync(self.dist)
+        if self.pseudo_labels is not None:
+            self.pseudo_labels.sync(self.dist)
+            self.pseudo_labels.end_epoch(stage.epoch_in_stage(epoch))
         reason = stage.stopping.update(val_map)
         if reason:
             logger.log(f"early stop of the {stage.name} stage after epoch {epoch}: {reason}")
@@ -549,12 +550,8 @@ class Trainer:
             inputs = batch["image"].to(device, non_blocking=True)
             if channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
-            if self.online:
-                pseudo = self.pseudo_labeler.online(self.teacher, batch["teacher_image"].to(device, non_blocking=True))
-            else:
-                pseudo = labels.batch_pseudo(index, batch.get("flip"))
-                pseudo = pseudo.to(device) if pseudo is not None else None
             observed, clean = labels.observed[index].to(device), labels.clean[index].to(device)
+            pseudo = self.pseudo_labels.batch(index, batch, observed) if self.pseudo_labels is not None else None
 
             def loss_of(logits, preds):
                 return method.loss(methods.LossInputs(logits, preds, index.to(device), observed, pseudo, clean),

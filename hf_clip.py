@@ -3,11 +3,12 @@
 A transformers ``CLIPModel`` folder (``config.json`` and ``model.safetensors`` or
 ``pytorch_model.bin``; e.g. the Hugging Face cache's snapshot of
 ``openai/clip-vit-large-patch14-336``, which the original VLPL code downloaded) holds the same
-weights as OpenAI's ``ViT-L-14-336px.pt`` under other names:
+weights as OpenAI's file (here ``ViT-L-14-336px.pt``) under other names; each teacher of
+``models.TEACHERS`` names its checkpoint (``hf_repo``):
 
 * ``check_folder`` finds the folder's files and compares its ``config.json`` with the open_clip
-  architecture being loaded (sizes, layers, heads and activation, which the tensor shapes alone
-  do not all show);
+  architecture being loaded, the run's teacher's (sizes, layers, heads and activation, which the
+  tensor shapes alone do not all show);
 * ``to_open_clip_state`` renames and reshapes the tensors to open_clip's layout (``models``
   reads the file and loads the result strictly).
 
@@ -106,7 +107,7 @@ def _check_config(path: Path, model: CLIP, flag: str, architecture: str) -> None
     config = _read_config(path, flag)
     if config.get("model_type") != "clip":
         raise ValueError(f"{flag} {path}: model_type is {config.get('model_type')!r}, expected 'clip' "
-                         f"(a transformers CLIPModel such as openai/clip-vit-large-patch14-336)")
+                         f"(a transformers CLIPModel of the CLIP architecture {architecture})")
     found = _config_values(config, path, flag)
     mismatches = [f"{key} is {found[key]!r}, expected {value!r}"
                   for key, value in _architecture_values(model).items() if found[key] != value]

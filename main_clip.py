@@ -30,6 +30,7 @@ import datasets
 import engine
 import methods
 import models
+import pseudo_labels
 import rundir
 import teacher as teacher_module
 from distributed import Distributed, init_distributed
@@ -60,8 +61,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("-s", "--seed", type=int, default=0, help="torch seed (the literature averages 0, 1 and 8)")
     p.add_argument("--teacher-view", choices=list(teacher_module.TEACHER_VIEWS), default="original",
                    help="the teacher's input: original (as published: the student's 448 px ImageNet-normalised "
-                        "image resized on the tensor to 336) or clip (CLIP normalisation, direct resize; moves the "
-                        "numbers); a CLIP-tower student sees the same view")
+                        "image resized on the tensor to the teacher's 336 or 224) or clip (CLIP normalisation, "
+                        "direct resize; moves the numbers); a CLIP-tower student sees the same view")
+    p.add_argument("--teacher", choices=list(models.TEACHERS), default=None,
+                   help="the CLIP teacher, whose tower clip_vision copies (per method; VLPL: "
+                        f"{models.DEFAULT_TEACHER}): "
+                        + "; ".join(f"{name}: open_clip {spec.open_clip_name} with OpenAI's weights, {spec.description}"
+                                    for name, spec in models.TEACHERS.items()))
     methods.add_hyperparameter_arguments(p)
 
     g = p.add_argument_group("data")
@@ -74,7 +80,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--train-frac", type=float, default=1.0, help="fraction of the train split kept")
     g.add_argument("--val-frac-keep", type=float, default=1.0, help="fraction of the val split kept")
     g.add_argument("--val-labels", choices=("clean", "observed"), default="clean", help="labels that score the val split for model selection")
-    g.add_argument("--image-size", type=int, default=None, help="input size override (default: the backbone's, 448 or 336)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="input size override (default: the backbone's, 448; clip_vision: the teacher's, 336 or 224)")
     g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader worker processes")
 
     g = p.add_argument_group("training (defaults: the method's published protocol per dataset)")
@@ -103,7 +110,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("weights and outputs")
     g.add_argument("--backbone-weights", default=None, help="local weights file for resnet50 / convnext backbones")
-    g.add_argument("--clip-weights", default=None, help="local CLIP ViT-L/14-336 weights (OpenAI .pt, a state dict, or a Hugging Face transformers folder)")
+    g.add_argument("--clip-weights", default=None,
+                   help="local weights of the --teacher CLIP (OpenAI .pt, a state dict, or a Hugging Face transformers folder)")
     g.add_argument("--tiny-models", action="store_true", help="tiny randomly initialised models of the same classes (tests, demo)")
     g.add_argument("--output-dir", default="results", help="folder that receives one sub-folder per run")
     g.add_argument("--run-name", default=None, help="run folder name (default <dataset>_<model>_<loss>_seed<seed>)")
@@ -117,6 +125,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 # What a saved configuration never carries over: the run's name, and what to do with it.
 _NOT_CARRIED = {"resume", "config", "run_name"}
+# Settings newer than some run folders, with what the runs that lack them used.
+_ADDED_SETTINGS = {"teacher": models.DEFAULT_TEACHER}
 # What may differ between a run's config.json and its resume without changing what it computes.
 _LOCATION = {"run_name", "output_dir", "config"}
 
@@ -138,7 +148,7 @@ def read_saved_config(path: Path, what: str) -> dict:
     if unknown:
         raise RunError(f"{what} {path}: settings this version does not know ({', '.join(unknown)}): "
                        f"a config.json from an incompatible version")
-    return saved
+    return {**_ADDED_SETTINGS, **saved}
 
 
 def _with_saved(args: argparse.Namespace, saved: dict, not_carried: set[str] = _NOT_CARRIED) -> argparse.Namespace:
@@ -193,7 +203,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         if config.get(key) is None:
             config[key] = value
     if config["image_size"] is None:
-        config["image_size"] = models.input_size(args.model, tiny=args.tiny_models)
+        config["image_size"] = models.input_size(args.model, tiny=args.tiny_models, teacher=config["teacher"])
     if config["run_name"] is None:
         config["run_name"] = default_run_name(args)
     info = datasets.get_dataset_info(args.dataset)
@@ -204,6 +214,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     _check_values(config)
     try:
         method.check_config(config)
+        if method.needs_pseudo_labels:
+            pseudo_labels.RULES[method.pseudo_label_rule].check_config(config)
     except ValueError as error:
         raise RunError(str(error)) from error
     return config
@@ -365,7 +377,7 @@ def setup(config: dict, dist: Distributed = Distributed()) -> engine.Setup:
     needs_teacher = method.needs_pseudo_labels or backbone.copies_clip_tower
     models.check_weights_available(config["model"], backbone_weights=config["backbone_weights"],
                                    clip_weights=config["clip_weights"], need_teacher=needs_teacher,
-                                   tiny=config["tiny_models"])
+                                   tiny=config["tiny_models"], teacher=config["teacher"])
     device = select_device(config["gpu"], dist)
     if config["bsize"] % dist.world_size:
         raise RunError(f"--bsize {config['bsize']} is the global batch: it must be a multiple of the "
@@ -377,10 +389,11 @@ def setup(config: dict, dist: Distributed = Distributed()) -> engine.Setup:
         subsample_seed=config["subsample_seed"], train_frac=config["train_frac"], val_frac_keep=config["val_frac_keep"])
     teacher = text_features = None
     if needs_teacher:
-        teacher = teacher_module.build_teacher(config["clip_weights"], tiny=config["tiny_models"])
+        teacher = teacher_module.build_teacher(config["clip_weights"], teacher=config["teacher"],
+                                               tiny=config["tiny_models"])
     if method.needs_pseudo_labels:
-        text_features = teacher_module.load_text_features(config["text_features"], benchmark.info.num_classes,
-                                                          teacher.embed_dim, dataset=config["dataset"])
+        rule = pseudo_labels.RULES[method.pseudo_label_rule]
+        text_features = rule.text_features(config, teacher, benchmark.info.num_classes)
     return engine.Setup(device, benchmark, teacher, text_features, dist)
 
 

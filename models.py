@@ -6,7 +6,10 @@
 * ``build_model`` makes every backbone through one ``Classifier`` (pooled features + a linear head).
 * Weights come from a named local file (``--backbone-weights`` / ``--clip-weights``) or from the
   libraries' own download; ``check_weights_available`` checks that one of them will work before
-  any data work starts. ``load_clip`` reads the CLIP model the teacher (``teacher.py``) wraps.
+  any data work starts.
+* The teacher table (``TeacherSpec``, ``TEACHERS``: ``--teacher``) names each CLIP teacher's
+  open_clip architecture and where its OpenAI weights are; ``load_clip(teacher=NAME)`` reads the
+  CLIP model the teacher (``teacher.py``) wraps, and ``clip_vision`` copies its tower.
 * ``tiny=True`` gives the same classes at a tiny size with random weights (tests and the demo);
   ``pretrained=False`` gives the full-size architectures with random weights, reading and
   downloading nothing (bench/epoch_cost.py).
@@ -34,11 +37,45 @@ from torch import nn
 import datasets
 import hf_clip
 
-# open_clip's name for ViT-L/14 at 336 px with QuickGELU, the activation OpenAI's weights were
-# trained with (plain 'ViT-L-14-336' uses nn.GELU and gives slightly different embeddings).
-CLIP_MODEL_NAME = "ViT-L-14-336-quickgelu"
-CLIP_PRETRAINED_TAG = "openai"
-CLIP_OPENAI_FILE = "ViT-L-14-336px.pt"
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A CLIP teacher (``--teacher``): open_clip's architecture and where OpenAI's weights for it are."""
+    # open_clip's -quickgelu configs: OpenAI's weights were trained with QuickGELU (the plain
+    # configs use nn.GELU and give slightly different embeddings).
+    open_clip_name: str
+    pretrained_tag: str          # open_clip's tag of OpenAI's weights (its download)
+    openai_file: str             # OpenAI's TorchScript file, what --clip-weights should name
+    hf_repo: str                 # the Hugging Face transformers checkpoint of the same weights
+    description: str             # for --help
+
+    @property
+    def config(self) -> dict:
+        """open_clip's model config (a fresh copy)."""
+        return open_clip.get_model_config(self.open_clip_name)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["vision_cfg"]["image_size"])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config["embed_dim"])
+
+
+# --teacher: name -> teacher. A new teacher is one entry; nothing else tests the names.
+TEACHERS: dict[str, TeacherSpec] = {
+    "ViT-L-14-336": TeacherSpec("ViT-L-14-336-quickgelu", "openai", "ViT-L-14-336px.pt",
+                                "openai/clip-vit-large-patch14-336", "VLPL's teacher"),
+    "ViT-B-16": TeacherSpec("ViT-B-16-quickgelu", "openai", "ViT-B-16.pt", "openai/clip-vit-base-patch16",
+                            "AEVLP's teacher"),
+}
+DEFAULT_TEACHER = "ViT-L-14-336"
+
+# The default teacher's names, for callers from before the table.
+CLIP_MODEL_NAME = TEACHERS[DEFAULT_TEACHER].open_clip_name
+CLIP_PRETRAINED_TAG = TEACHERS[DEFAULT_TEACHER].pretrained_tag
+CLIP_OPENAI_FILE = TEACHERS[DEFAULT_TEACHER].openai_file
 
 # Tiny models (tests, demo): one input size for all of them, small enough for a 2-core CPU.
 TINY_INPUT_SIZE = 64
@@ -60,6 +97,12 @@ _CONNECT_TIMEOUT_S = 3.0
 class WeightsUnavailableError(FileNotFoundError):
     """Weights can be neither read from a file nor downloaded (a FileNotFoundError, so the
     command line reports it as a one-line user error)."""
+
+
+def teacher_spec(teacher: str) -> TeacherSpec:
+    if teacher not in TEACHERS:
+        raise ValueError(f"unknown teacher {teacher!r}; choose one of: {', '.join(TEACHERS)}")
+    return TEACHERS[teacher]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,8 +221,11 @@ BACKBONE_SPECS: dict[str, BackboneSpec] = {
         weights_hint="/path/to/resnet50-0676ba61.pth (torchvision ResNet-50 ImageNet V1 state dict)",
         download="torchvision's ResNet50_Weights.IMAGENET1K_V1 download",
         library_weights_available=_resnet50_download_available, spatial=_resnet_feature_map),
+    # Input size and feature size are the default teacher's: a tower copy has its teacher's
+    # (input_size(..., teacher=...), the built model's output_dim).
     "clip_vision": BackboneSpec(
-        336, datasets.CLIP_MEAN, datasets.CLIP_STD, convolutional=False, feature_dim=768,
+        TEACHERS[DEFAULT_TEACHER].image_size, datasets.CLIP_MEAN, datasets.CLIP_STD, convolutional=False,
+        feature_dim=TEACHERS[DEFAULT_TEACHER].embed_dim,
         copies_clip_tower=True, build=_copy_clip_tower, classifier_prefixes=(),
         weights_hint="--clip-weights (clip_vision copies the CLIP vision tower)", download="open_clip's download"),
     # timm's ConvNeXt-XL: ImageNet-22k weights, and 22k fine-tuned on 1k.
@@ -195,11 +241,13 @@ def backbone_spec(backbone: str) -> BackboneSpec:
     return BACKBONE_SPECS[backbone]
 
 
-def input_size(backbone: str, tiny: bool = False) -> int:
-    """Side of the square input the backbone is trained at: 448, 336 for clip_vision;
-    ``TINY_INPUT_SIZE`` for every tiny model."""
+def input_size(backbone: str, tiny: bool = False, teacher: str = DEFAULT_TEACHER) -> int:
+    """Side of the square input the backbone is trained at: 448; clip_vision: its ``teacher``'s
+    (336 for ViT-L-14-336, 224 for ViT-B-16); ``TINY_INPUT_SIZE`` for every tiny model."""
     spec = backbone_spec(backbone)
-    return TINY_INPUT_SIZE if tiny else spec.input_size
+    if tiny:
+        return TINY_INPUT_SIZE
+    return teacher_spec(teacher).image_size if spec.copies_clip_tower else spec.input_size
 
 
 class BoostLUHead(nn.Module):
@@ -255,13 +303,13 @@ class Classifier(nn.Module):
 def build_model(backbone: str, num_classes: int, *, backbone_weights: str | os.PathLike | None = None,
                 clip_model: CLIP | None = None, tiny: bool = False,
                 clip_weights: str | os.PathLike | None = None, pretrained: bool = True,
-                head: str = "linear") -> Classifier:
+                head: str = "linear", teacher: str = DEFAULT_TEACHER) -> Classifier:
     """The ``backbone`` with a ``num_classes`` head (DESIGN section 6).
 
     resnet50 / convnext: weights from ``backbone_weights`` when given, else the library download
     (tiny: random init, unless ``backbone_weights`` is given). clip_vision: a trainable deep copy
-    of ``clip_model.visual`` (``load_clip(clip_weights, tiny=tiny, pretrained=pretrained)`` when
-    ``clip_model`` is None).
+    of ``clip_model.visual`` (``load_clip(clip_weights, teacher=teacher, tiny=tiny,
+    pretrained=pretrained)`` when ``clip_model`` is None).
 
     ``pretrained=False``: the full-size architecture (or the tiny one with ``tiny``) with random
     weights; nothing is read or downloaded, so a weight file may not be named with it (a given
@@ -283,7 +331,7 @@ def build_model(backbone: str, num_classes: int, *, backbone_weights: str | os.P
         if backbone_weights is not None:
             raise ValueError(f"{backbone} takes its weights from --clip-weights, not --backbone-weights")
         if clip_model is None:
-            clip_model = load_clip(clip_weights, tiny=tiny, pretrained=pretrained)
+            clip_model = load_clip(clip_weights, teacher=teacher, tiny=tiny, pretrained=pretrained)
         net, dim = spec.build(tiny, pretrained, clip_model)
         size = clip_image_size(clip_model)
     else:
@@ -372,7 +420,9 @@ def _load_backbone_weights(net: nn.Module, path: str | os.PathLike, backbone: st
     _load_strict(net, state, path, "--backbone-weights", backbone)
 
 
-def _clip_architecture(tiny: bool) -> CLIP:
+def _clip_architecture(tiny: bool, teacher: str = DEFAULT_TEACHER) -> CLIP:
+    """The ``teacher``'s architecture with open_clip's random initialisation; ``tiny``: the one
+    tiny CLIP (for every teacher name: tests and the demo), with fixed random weights."""
     if tiny:
         cfg = copy.deepcopy(TINY_CLIP_CONFIG)
         # Seeded without touching the caller's random state.
@@ -381,12 +431,11 @@ def _clip_architecture(tiny: bool) -> CLIP:
             return CLIP(embed_dim=cfg["embed_dim"], quick_gelu=cfg["quick_gelu"],
                         vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
                         text_cfg=CLIPTextCfg(**cfg["text_cfg"]))
-    cfg = open_clip.get_model_config(CLIP_MODEL_NAME)
-    return CLIP(**cfg)
+    return CLIP(**teacher_spec(teacher).config)
 
 
-def _clip_architecture_name(tiny: bool) -> str:
-    return "tiny (models.TINY_CLIP_CONFIG)" if tiny else CLIP_MODEL_NAME
+def _clip_architecture_name(tiny: bool, teacher: str = DEFAULT_TEACHER) -> str:
+    return "tiny (models.TINY_CLIP_CONFIG)" if tiny else teacher_spec(teacher).open_clip_name
 
 
 def _load_clip_weights(model: CLIP, path: str | os.PathLike, architecture: str) -> None:
@@ -409,28 +458,31 @@ def _load_clip_weights(model: CLIP, path: str | os.PathLike, architecture: str) 
     _load_strict(model, state, path, "--clip-weights", f"CLIP {architecture}")
 
 
-def load_clip(clip_weights: str | os.PathLike | None = None, *, tiny: bool = False,
-              pretrained: bool = True) -> CLIP:
-    """The CLIP model in eval mode, float32, on the CPU.
+def load_clip(clip_weights: str | os.PathLike | None = None, *, teacher: str = DEFAULT_TEACHER,
+              tiny: bool = False, pretrained: bool = True) -> CLIP:
+    """The CLIP model of ``teacher`` (a ``TEACHERS`` name) in eval mode, float32, on the CPU.
 
-    ``clip_weights``: OpenAI's TorchScript ``ViT-L-14-336px.pt``, a state-dict file, or a Hugging
-    Face transformers CLIPModel folder (``hf_clip``: ``config.json`` and ``model.safetensors`` or
-    ``pytorch_model.bin``, e.g. the cache's snapshot of openai/clip-vit-large-patch14-336); None:
-    open_clip's download of ``ViT-L-14-336-quickgelu`` / ``openai``. ``tiny``: a small CLIP with
-    fixed random weights (or ``clip_weights`` read into it). ``pretrained=False``: the full-size
-    ``ViT-L-14-336-quickgelu`` architecture (open_clip's config, as for a weight file) with
-    open_clip's random initialisation; nothing is read or downloaded (no ``clip_weights``).
+    ``clip_weights``: OpenAI's TorchScript file (``ViT-L-14-336px.pt``, ``ViT-B-16.pt``: the
+    teacher's ``openai_file``), a state-dict file, or a Hugging Face transformers CLIPModel folder
+    (``hf_clip``: ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``, e.g. the
+    cache's snapshot of the teacher's ``hf_repo``), read into the teacher's architecture (one-line
+    errors naming it); None: open_clip's download of the teacher (``open_clip_name`` /
+    ``pretrained_tag``). ``tiny``: a small CLIP with fixed random weights, the same for every
+    teacher name (or ``clip_weights`` read into it). ``pretrained=False``: the full-size
+    architecture (open_clip's config, as for a weight file) with open_clip's random
+    initialisation; nothing is read or downloaded (no ``clip_weights``).
     """
+    spec = teacher_spec(teacher)
     if not pretrained:
         if clip_weights is not None:
             raise ValueError("pretrained=False builds random weights; it takes no --clip-weights file")
-        return _clip_architecture(tiny).float().eval()
+        return _clip_architecture(tiny, teacher).float().eval()
     if clip_weights is None and not tiny:
-        model = open_clip.create_model(CLIP_MODEL_NAME, pretrained=CLIP_PRETRAINED_TAG)
+        model = open_clip.create_model(spec.open_clip_name, pretrained=spec.pretrained_tag)
     else:
-        model = _clip_architecture(tiny)
+        model = _clip_architecture(tiny, teacher)
         if clip_weights is not None:
-            _load_clip_weights(model, clip_weights, _clip_architecture_name(tiny))
+            _load_clip_weights(model, clip_weights, _clip_architecture_name(tiny, teacher))
     return model.float().eval()
 
 
@@ -498,8 +550,9 @@ def _download_available(cached: bool, host: str) -> bool:
     return cached or (not _offline_by_env() and _host_reachable(host))
 
 
-def _clip_download_available() -> bool:
-    cfg = open_clip.get_pretrained_cfg(CLIP_MODEL_NAME, CLIP_PRETRAINED_TAG)
+def _clip_download_available(teacher: str = DEFAULT_TEACHER) -> bool:
+    spec = teacher_spec(teacher)
+    cfg = open_clip.get_pretrained_cfg(spec.open_clip_name, spec.pretrained_tag)
     repo_id = cfg["hf_hub"].rstrip("/")
     cached = _hf_cached(repo_id, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
     return _download_available(cached, "huggingface.co")
@@ -510,33 +563,35 @@ def _check_file(path: str | os.PathLike, flag: str) -> None:
         raise FileNotFoundError(f"{flag} {path}: file not found")
 
 
-def _check_clip_weights(path: str | os.PathLike, tiny: bool) -> None:
+def _check_clip_weights(path: str | os.PathLike, tiny: bool, teacher: str) -> None:
     """A file must exist; a transformers folder must hold its files and a config that matches
-    the architecture, checked on a model built on the meta device (no memory, milliseconds)."""
+    the teacher's architecture, checked on a model built on the meta device (no memory, milliseconds)."""
     if not Path(path).is_dir():
         _check_file(path, "--clip-weights")
         return
     with torch.device("meta"):
-        architecture = _clip_architecture(tiny)
-    hf_clip.check_folder(path, architecture, "--clip-weights", _clip_architecture_name(tiny))
+        architecture = _clip_architecture(tiny, teacher)
+    hf_clip.check_folder(path, architecture, "--clip-weights", _clip_architecture_name(tiny, teacher))
 
 
 def check_weights_available(backbone: str, *, backbone_weights: str | os.PathLike | None = None,
                             clip_weights: str | os.PathLike | None = None, need_teacher: bool,
-                            tiny: bool = False) -> None:
+                            tiny: bool = False, teacher: str = DEFAULT_TEACHER) -> None:
     """Fail fast (seconds), before any data work, when the weights a run needs can be neither
     read nor downloaded. Named files must exist (a ``--clip-weights`` folder: its files, and a
     config.json matching the architecture); otherwise the library's cached download must be
     present or its server reachable (not with HF_HUB_OFFLINE=1). Raises FileNotFoundError
     (``WeightsUnavailableError``) naming the flag and the expected file, or ValueError for a
-    folder whose config.json does not match."""
+    folder whose config.json does not match. The CLIP weights are the ``teacher``'s (a
+    ``TEACHERS`` name), which also gives ``clip_vision`` its tower."""
     spec = backbone_spec(backbone)
+    clip = teacher_spec(teacher)
     if spec.copies_clip_tower and backbone_weights is not None:
         raise ValueError(f"{backbone} takes its weights from --clip-weights, not --backbone-weights")
     if backbone_weights is not None:
         _check_file(backbone_weights, "--backbone-weights")
     if clip_weights is not None:
-        _check_clip_weights(clip_weights, tiny)
+        _check_clip_weights(clip_weights, tiny, teacher)
     if tiny:
         return  # random weights: nothing to download
     if not spec.copies_clip_tower and backbone_weights is None and not spec.library_weights_available():
@@ -544,10 +599,10 @@ def check_weights_available(backbone: str, *, backbone_weights: str | os.PathLik
             f"no {backbone} weights: pass --backbone-weights {spec.weights_hint} or "
             f"allow {spec.download} (offline: HF_HUB_OFFLINE is set or the server is "
             f"unreachable, and the file is not in the download cache)")
-    if (need_teacher or spec.copies_clip_tower) and clip_weights is None and not _clip_download_available():
+    if (need_teacher or spec.copies_clip_tower) and clip_weights is None and not _clip_download_available(teacher):
         raise WeightsUnavailableError(
-            f"no CLIP weights: pass --clip-weights /path/to/{CLIP_OPENAI_FILE} (OpenAI) or a "
-            f"transformers folder of openai/clip-vit-large-patch14-336, or allow "
-            f"open_clip's download of {CLIP_MODEL_NAME} '{CLIP_PRETRAINED_TAG}' (offline: "
+            f"no CLIP weights: pass --clip-weights /path/to/{clip.openai_file} (OpenAI) or a "
+            f"transformers folder of {clip.hf_repo}, or allow "
+            f"open_clip's download of {clip.open_clip_name} '{clip.pretrained_tag}' (offline: "
             f"HF_HUB_OFFLINE is set or huggingface.co is unreachable, and it is not in "
             f"{_hf_cache_dir()})")

@@ -155,7 +155,7 @@ def pseudo_label_quality(run_dir: Path, config: dict, summary: dict) -> tuple[di
             embeddings = embeddings[:, 0]  # N x views x D: the report scores the images as they are
         benchmark = saved_run.load_benchmark(saved_run.read_config(run_dir), check_images=False)
         text = teacher.load_text_features(config["text_features"], benchmark.info.num_classes, embeddings.shape[1],
-                                          dataset=config["dataset"])
+                                          dataset=config["dataset"], teacher=config.get("teacher"))
         if len(embeddings) <= benchmark.train_indices.max():
             return None, f"{cache} has {len(embeddings)} rows, fewer than the official train set"
         rows = torch.nn.functional.normalize(torch.from_numpy(embeddings[benchmark.train_indices]).float(), dim=-1)

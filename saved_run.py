@@ -102,7 +102,16 @@ def read_config(run_dir: str | Path) -> dict:
     if config["model"] not in models.BACKBONES:
         raise RunError(f"{run_dir / CONFIG_FILE} names model {config['model']!r}, unknown to this version "
                        f"(known: {', '.join(models.BACKBONES)})")
+    teacher_name = run_teacher(config)
+    if not isinstance(teacher_name, str) or teacher_name not in models.TEACHERS:
+        raise RunError(f"{run_dir / CONFIG_FILE} names teacher {teacher_name!r}, unknown to this version "
+                       f"(known: {', '.join(models.TEACHERS)})")
     return config
+
+
+def run_teacher(config: dict) -> str:
+    """The run's --teacher; runs from before the flag had the default teacher."""
+    return config.get("teacher", models.DEFAULT_TEACHER)
 
 
 def _has_type(value, kind: type) -> bool:
@@ -141,7 +150,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None =
 
     info = datasets.get_dataset_info(config["dataset"])
     spec = models.backbone_spec(config["model"])
-    clip_model = models.load_clip(tiny=config["tiny_models"], pretrained=False) if spec.copies_clip_tower else None
+    # A CLIP-tower student has its teacher's architecture (input size, width).
+    clip_model = (models.load_clip(teacher=run_teacher(config), tiny=config["tiny_models"], pretrained=False)
+                  if spec.copies_clip_tower else None)
     model = models.build_model(config["model"], info.num_classes, tiny=config["tiny_models"], pretrained=False,
                                clip_model=clip_model, head=config.get("head", "linear"))
     try:

@@ -3,8 +3,9 @@
 * ``teacher_input`` is what the teacher's image encoder receives for a training image and its
   flip, under a named view (``TEACHER_VIEWS``: ``original``, the published pipeline, and
   ``clip``, the repaired one); the cache and the online path both use it.
-* ``Teacher`` wraps a frozen open_clip CLIP (weights from ``models.load_clip``); ``encoder(view)``
-  describes its input for the embedding cache (``caches``): both flips of every image.
+* ``Teacher`` wraps a frozen open_clip CLIP (weights from ``models.load_clip``) and records its
+  name in ``models.TEACHERS`` (``--teacher``); ``encoder(view)`` describes its input for the
+  embedding cache (``caches``): both flips of every image.
 * ``pseudo_labels_from_embeddings``: softmax over the class text features, threshold, partial
   negatives; ``PseudoLabeler`` applies it to cached embeddings or to a batch (online).
 * ``load_text_features`` reads the K x D class text features; ``pseudo_label_report`` scores
@@ -87,10 +88,13 @@ def student_view(backbone: models.BackboneSpec, view: str, image_size: int) -> d
 
 
 class Teacher(nn.Module):
-    """A frozen CLIP: eval mode, no gradients, L2-normalised image and text embeddings."""
+    """A frozen CLIP: eval mode, no gradients, L2-normalised image and text embeddings. ``name``:
+    its ``models.TEACHERS`` entry (the tokenizer of ``encode_text``)."""
 
-    def __init__(self, clip_model: CLIP, fingerprint: str):
+    def __init__(self, clip_model: CLIP, fingerprint: str, name: str = models.DEFAULT_TEACHER):
         super().__init__()
+        self.spec = models.teacher_spec(name)
+        self.name = name
         self.clip_model = clip_model.eval()
         self.clip_model.requires_grad_(False)
         self.fingerprint = fingerprint
@@ -115,7 +119,8 @@ class Teacher(nn.Module):
     def encoder(self, view: str, flips: bool = True) -> Encoder:
         """Its image tower as the embedding cache sees it: raw image embeddings (normalised
         when pseudo-labels are made) of each image as is and, with ``flips``, flipped (N x 2 x D);
-        keyed by the weights and the view."""
+        keyed by the weights and the view (not the teacher's name: the weights' fingerprint
+        already tells real teachers apart, and the caches of existing runs stay valid)."""
         def encode(images: torch.Tensor) -> torch.Tensor:
             return self.clip_model.encode_image(images).float()
         key = {"teacher": self.fingerprint, "output": "image embedding before L2 normalisation",
@@ -126,24 +131,26 @@ class Teacher(nn.Module):
                        views=Flips(self.view(view), tuple(key["flips"])))
 
     @torch.no_grad()
-    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """K x D unit-norm text embeddings (open_clip's tokenizer for ViT-L-14-336-quickgelu,
-        which ships with the package and works offline)."""
-        tokenizer = open_clip.get_tokenizer(models.CLIP_MODEL_NAME, context_length=self.context_length)
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256, *, normalize: bool = True) -> torch.Tensor:
+        """K x D float32 text embeddings: unit-norm, or with ``normalize=False`` the text tower's
+        raw output after its projection (AEVLP perturbs those). The teacher's own open_clip
+        tokenizer, which ships with the package and works offline."""
+        tokenizer = open_clip.get_tokenizer(self.spec.open_clip_name, context_length=self.context_length)
         device = self.clip_model.text_projection.device
         parts = [self.clip_model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device))
                  for i in range(0, len(texts), batch_size)]
-        return F.normalize(torch.cat(parts).float(), dim=-1)
+        embeddings = torch.cat(parts).float()
+        return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
 
-def build_teacher(clip_weights: str | os.PathLike | None = None, *, tiny: bool = False,
-                  clip_model: CLIP | None = None, pretrained: bool = True) -> Teacher:
-    """The frozen teacher around ``clip_model`` (``load_clip(clip_weights, tiny=tiny,
-    pretrained=pretrained)`` if None); its fingerprint hashes the weights
-    (``weights_fingerprint``), random ones included."""
+def build_teacher(clip_weights: str | os.PathLike | None = None, *, teacher: str = models.DEFAULT_TEACHER,
+                  tiny: bool = False, clip_model: CLIP | None = None, pretrained: bool = True) -> Teacher:
+    """The frozen ``teacher`` (a ``models.TEACHERS`` name) around ``clip_model``
+    (``load_clip(clip_weights, teacher=teacher, tiny=tiny, pretrained=pretrained)`` if None); its
+    fingerprint hashes the weights (``weights_fingerprint``), random ones included."""
     if clip_model is None:
-        clip_model = models.load_clip(clip_weights, tiny=tiny, pretrained=pretrained)
-    return Teacher(clip_model, models.weights_fingerprint(clip_model))
+        clip_model = models.load_clip(clip_weights, teacher=teacher, tiny=tiny, pretrained=pretrained)
+    return Teacher(clip_model, models.weights_fingerprint(clip_model), teacher)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,8 +184,10 @@ def pseudo_labels_from_embeddings(embeddings: torch.Tensor | np.ndarray,
     return q, similarity
 
 
-def _text_features_command(dataset: str | None) -> str:
-    return f"python preproc/make_text_features.py --dataset {dataset or 'NAME'}"
+def _text_features_command(dataset: str | None, teacher: str | None = None) -> str:
+    # --teacher only when it is not make_text_features.py's default (the shortest right command).
+    option = f" --teacher {teacher}" if teacher not in (None, models.DEFAULT_TEACHER) else ""
+    return f"python preproc/make_text_features.py --dataset {dataset or 'NAME'}{option}"
 
 
 def _warn_stderr(message: str) -> None:
@@ -191,13 +200,15 @@ UNIT_NORM_TOLERANCE = 1e-2
 
 
 def load_text_features(path: str | os.PathLike, num_classes: int, embed_dim: int, *,
-                       dataset: str | None = None, warn: Callable[[str], None] = _warn_stderr) -> torch.Tensor:
+                       dataset: str | None = None, teacher: str | None = None,
+                       warn: Callable[[str], None] = _warn_stderr) -> torch.Tensor:
     """A K x D float32 ``.npy``, rows used as stored (as the original code did). Errors name the
     file, the expected K x D (or the bad row: zero or non-finite) and the command that makes a
-    matching file; rows that are not unit-norm are one line through ``warn`` (stderr)."""
+    matching file (for the run's ``teacher``); rows that are not unit-norm are one line through
+    ``warn`` (stderr)."""
     path = Path(path)
     expected = f"{num_classes} x {embed_dim} (classes x teacher embedding width)"
-    remake = f"`{_text_features_command(dataset)}`"
+    remake = f"`{_text_features_command(dataset, teacher)}`"
     if not path.is_file():
         raise FileNotFoundError(f"text features {path} not found; expected a {expected} .npy: "
                                 f"make it with {remake}")

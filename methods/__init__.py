@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from methods.aevlp import AEVLP
 from methods.base import CoefficientMethod, Hyperparameter, LossInputs, Method, PROTOCOL_DEFAULTS
 from methods.baselines import BCE, AssumeNegative, IgnoreUnobservedNegatives
 from methods.cole import ROLE, AssumeNegativeLabelSmoothing, ExpectedPositiveRegularizer, WeakAssumeNegative
@@ -18,7 +19,7 @@ from methods.vlpl import EMPL, EMPLASL
 REGISTRY: dict[str, type[Method]] = {method.name: method for method in (
     BCE, AssumeNegative, IgnoreUnobservedNegatives, EM, EMAPL, EMPL, EMPLASL,
     LargeLossReject, LargeLossCorrectTemporary, LargeLossCorrectPermanent,
-    AssumeNegativeLabelSmoothing, WeakAssumeNegative, ExpectedPositiveRegularizer, ROLE, GR,
+    AssumeNegativeLabelSmoothing, WeakAssumeNegative, ExpectedPositiveRegularizer, ROLE, GR, AEVLP,
 )}
 
 __all__ = ["REGISTRY", "Method", "CoefficientMethod", "Hyperparameter", "LossInputs", "PROTOCOL_DEFAULTS",

@@ -51,7 +51,7 @@ class Hyperparameter:
 
 # The protocol every method has; a method's table overrides entries per dataset.
 PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", weight_decay=0.0, head_lr_mult=1.0, head_lr=1e-4,
-                         patience=0, max_drop=0.0)
+                         patience=0, max_drop=0.0, teacher="ViT-L-14-336")
 
 # VLPL's settings (DESIGN section 5), shared by the methods of its results table.
 VLPL_DATASET_DEFAULTS = {
@@ -80,6 +80,7 @@ class Method:
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
     dataset_defaults: ClassVar[dict[str, dict]] = VLPL_DATASET_DEFAULTS
     needs_pseudo_labels: ClassVar[bool] = False
+    pseudo_label_rule: ClassVar[str] = "vlpl"         # which entry of pseudo_labels.RULES makes them
     needs_clean_labels: ClassVar[bool] = False
     needs_spatial_features: ClassVar[bool] = False
     uses_train_predictions: ClassVar[bool] = False    # end_epoch reads predictions on the train split

@@ -2,12 +2,13 @@
 
 Run from the repository root:
     python preproc/make_text_features.py --dataset NAME [--label-only | --prompt "a photo of a {}."]
-        [--clip-weights FILE] [--data-root data] [--out FILE] [--force] [--tiny]
+        [--teacher NAME] [--clip-weights FILE] [--data-root data] [--out FILE] [--force] [--tiny]
 Writes ``<data-root>/<NAME>/<registry text-feature file>`` (e.g. VOC20text_feature_labelonly.npy)
 unless ``--out`` is given. Default texts: the bare class name when that file name says
 'labelonly' (as the original's files presumably were), otherwise "a photo of a {}.".
-The teacher is the CLIP of main_clip.py (``--clip-weights``, else open_clip's download);
-``--tiny`` uses the tiny random CLIP of ``main_clip.py --tiny-models`` (tests, demo).
+The teacher is the CLIP of main_clip.py: ``--teacher`` (a ``models.TEACHERS`` name, default
+VLPL's), its weights from ``--clip-weights``, else open_clip's download; ``--tiny`` uses the tiny
+random CLIP of ``main_clip.py --tiny-models`` (tests, demo), the same for every teacher name.
 """
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     texts.add_argument("--label-only", action="store_true", help="encode the bare class names")
     texts.add_argument("--prompt", default=None,
                        help=f"template with one '{{}}' for the class name (e.g. {DEFAULT_PROMPT!r})")
+    parser.add_argument("--teacher", choices=list(models.TEACHERS), default=models.DEFAULT_TEACHER,
+                        help="the CLIP teacher of the runs that read the features (main_clip.py --teacher)")
     parser.add_argument("--clip-weights", default=None,
-                        help=f"OpenAI's {models.CLIP_OPENAI_FILE}, a CLIP state dict or a Hugging Face CLIP folder "
-                             f"(default: open_clip's download)")
+                        help="the teacher's weights: OpenAI's file (" + ", ".join(
+                            f"{spec.openai_file} for {name}" for name, spec in models.TEACHERS.items())
+                        + "), a CLIP state dict or a Hugging Face CLIP folder (default: open_clip's download)")
     parser.add_argument("--data-root", default="data", help="folder holding <dataset>/")
     parser.add_argument("--out", default=None, help="output .npy (default: the dataset folder's "
                                                     "registry text-feature file)")
@@ -82,14 +86,14 @@ def main(args: argparse.Namespace) -> Path:
         raise ValueError(f"{out} exists (it may be a published file); pass --force to overwrite it "
                          f"or --out to write elsewhere")
     models.check_weights_available("clip_vision", clip_weights=args.clip_weights, need_teacher=True,
-                                   tiny=args.tiny)
-    teacher = teacher_module.build_teacher(args.clip_weights, tiny=args.tiny).to(args.device)
+                                   tiny=args.tiny, teacher=args.teacher)
+    teacher = teacher_module.build_teacher(args.clip_weights, teacher=args.teacher, tiny=args.tiny).to(args.device)
     features = make_text_features(teacher, info.class_names, prompt)
     atomic_save_npy(out, features)
     example = class_texts(info.class_names[:1], prompt)[0]
     print(f"wrote {out}: {features.shape[0]} x {features.shape[1]} text features "
           f"({'class names' if prompt is None else repr(prompt)}, e.g. {example!r}; "
-          f"teacher {teacher.fingerprint[:16]})")
+          f"teacher {teacher.name}{' (tiny)' if args.tiny else ''} {teacher.fingerprint[:16]})")
     return out
 
 

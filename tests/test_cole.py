@@ -326,7 +326,7 @@ def test_per_dataset_defaults_resolve(dataset, expected_num_pos, lr):
 
 @pytest.mark.parametrize("argv, message", [
     (["-l", "role", "--ls-coef", "0.2"], "--ls-coef is a setting of an_ls, not of -l role"),
-    (["-l", "wan", "--expected-num-pos", "2"], "--expected-num-pos is a setting of epr, role, GR, not of -l wan"),
+    (["-l", "wan", "--expected-num-pos", "2"], "--expected-num-pos is a setting of epr, role, GR, AEVLP, not of -l wan"),
     (["-l", "an_ls", "--ls-coef", "1.5"], "--ls-coef must be <= 1.0"),
     (["-l", "epr", "--expected-num-pos", "-1"], "--expected-num-pos must be >= 0.0"),
 ])

@@ -219,7 +219,7 @@ def test_gr_flags_are_checked_and_belong_to_gr():
         parser.parse_args(["-l", "GR", "--k-schedule", "1,2,3"])
     with pytest.raises(SystemExit):
         parser.parse_args(["-l", "GR", "--v-schedule", "a,b,c,d"])
-    with pytest.raises(main_clip.RunError, match="--k-schedule is a setting of GR, not of -l an"):
+    with pytest.raises(main_clip.RunError, match="--k-schedule is a setting of GR, AEVLP, not of -l an"):
         main_clip.resolve_config(parser.parse_args(["-l", "an", "--k-schedule", "0,1,2,3"]))
     for bad, message in ((["--q2", "0"], "--q2 must be > 0"), (["--q3", "-1"], "--q3 must be >= 0.0"),
                          (["--v-schedule", "0.5,0,0.8,0.5"], "sigma0 and sigmaT must be > 0"),
@@ -228,7 +228,7 @@ def test_gr_flags_are_checked_and_belong_to_gr():
         with pytest.raises(main_clip.RunError, match=message):
             main_clip.resolve_config(parser.parse_args(["-l", "GR", "--tiny-models", *bad]))
     _, users = methods.all_hyperparameters()["expected_num_pos"]
-    assert users == ["epr", "role", "GR"]
+    assert users == ["epr", "role", "GR", "AEVLP"]
 
 
 def test_gr_trains_end_to_end_on_the_demo_data(demo_root, tmp_path):

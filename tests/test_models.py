@@ -408,17 +408,18 @@ def test_random_init_clip_builds_the_real_architecture_without_weights(monkeypat
     many for a unit test) and read nothing; the teacher's fingerprint hashes the random weights."""
     calls, build_tiny = [], models._clip_architecture
 
-    def fake_architecture(tiny):
-        calls.append(tiny)
+    def fake_architecture(tiny, teacher=models.DEFAULT_TEACHER):
+        calls.append((tiny, teacher))
         return build_tiny(True)
 
     monkeypatch.setattr(models, "_clip_architecture", fake_architecture)
     clip = models.load_clip(pretrained=False)
-    assert calls == [False] and not clip.training
+    default = (False, models.DEFAULT_TEACHER)
+    assert calls == [default] and not clip.training
     teacher = teacher_module.build_teacher(pretrained=False)
     assert teacher.fingerprint == models.weights_fingerprint(teacher.clip_model)
     model = models.build_model("clip_vision", NUM_CLASSES, pretrained=False)
-    assert calls == [False, False, False]
+    assert calls == [default] * 3
     assert model(images(models.TINY_INPUT_SIZE, batch=1)).shape == (1, NUM_CLASSES)
 
 
