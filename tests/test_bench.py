@@ -49,3 +49,28 @@ def test_channels_last_smoke(capsys):
 def test_channels_last_rejects_bad_sizes():
     with pytest.raises(SystemExit):
         load_bench("channels_last").main(["--tiny", "--repeats", "0"])
+
+
+def test_aevlp_cost_smoke(tmp_path, capsys):
+    bench = load_bench("aevlp_cost")
+    result = bench.main(["--tiny", "--num-images", "3", "--batch-size", "2", "--width", "64", "--height", "48",
+                         "--grid", "2", "--repeats", "1", "--work-dir", str(tmp_path)])
+    assert set(result) == bench.RESULT_KEYS
+    assert result["pseudo_labels_identical"] is True
+    assert result["sizes"] == {"images": 3, "batch": 2, "grid": 2, "views": 5, "classes": 20, "steps_per_epoch": 2,
+                               "epochs": 1}
+    assert set(result["a_per_epoch"]) == {"decode", "views", "forward", "damp", "total"}
+    assert result["coco"]["images"] == 82_081
+    assert result["coco"]["cache_gb_float32"] == pytest.approx(82_081 * 34 * 512 * 4 / 1e9)
+    assert (tmp_path / "cache" / "aevlp.npz").is_file()   # (b) went through the cache API
+    out = capsys.readouterr().out
+    assert "(a) AEVLP" in out and "(b) ours" in out and "pseudo-labels identical: yes" in out
+    assert "break-even" in out and "COCO" in out
+
+
+def test_aevlp_cost_rejects_bad_sizes():
+    bench = load_bench("aevlp_cost")
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--num-images", "0"])
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--width", "3", "--grid", "4"])
