@@ -129,13 +129,13 @@ def test_cached_views_give_the_pseudo_labels_of_recomputed_views(demo_root, tmp_
     for batch in stage.loaders["train"]:
         index = torch.as_tensor(batch["index"])
         observed = run.labels.observed[index]
-        ours = rule.batch(index, batch, observed)
+        ours = rule.batch(index, batch, observed.to(run.device)).cpu()
         # AEVLP's step: cut the views of each image with the drawn flips, run the teacher now.
         views = torch.stack([damp.aevlp_views(Image.open(run.benchmark.image_dir / run.benchmark.train.images[i]),
                                               flips.tolist(), grid_size=2, size=run.teacher.input_size)
                              for i, flips in zip(index.tolist(), batch["view_flips"])])
         with torch.no_grad():
-            embeddings = encoder.encode(views.flatten(0, 1)).reshape(len(index), 5, -1)
+            embeddings = encoder.encode(views.flatten(0, 1).to(run.device)).cpu().reshape(len(index), 5, -1)
         similarities = damp.cosine_similarities(embeddings, text_features)
         torch.testing.assert_close(similarities, damp.pick_flips(rule.similarities[index], batch["view_flips"]),
                                    rtol=0, atol=1e-6)
