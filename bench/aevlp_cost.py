@@ -48,14 +48,12 @@ COCO cache's size on disk (82,081 x 34 x 512, float32 and float16).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -72,6 +70,7 @@ import damp  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
 import teacher as teacher_module  # noqa: E402
+from bench.timing import Meter  # noqa: E402
 from preproc import make_demo_data  # noqa: E402
 
 VIT_B16 = models.teacher_spec("ViT-B-16").open_clip_name   # AEVLP's teacher, 224 px
@@ -93,50 +92,6 @@ def build_vit_b16(tiny: bool) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return models.load_clip(teacher="ViT-B-16", tiny=tiny, pretrained=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing (as bench/epoch_cost.py's Meter, copied: importing that script loads the training engine)
-# ----------------------------------------------------------------------------------------------
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all processes of the machine have run (Linux /proc/stat; None elsewhere)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:9]]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return None
-
-
-class Meter:
-    """Wall and process-CPU seconds summed per named part, and how much CPU other processes took
-    meanwhile (tracked over the spans measured with ``others=True``: /proc/stat counts in clock
-    ticks, 10 ms, too coarse for the millisecond parts, so those are measured inside a longer span)."""
-
-    def __init__(self):
-        self.wall: dict[str, float] = defaultdict(float)
-        self.cpu: dict[str, float] = defaultdict(float)
-        self.other_cpu = 0.0
-        self.measured_wall = 0.0
-
-    @contextlib.contextmanager
-    def measure(self, name: str, others: bool = False):
-        busy = machine_busy_seconds() if others else None
-        wall, cpu = time.perf_counter(), time.process_time()
-        yield
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        self.wall[name] += wall
-        self.cpu[name] += cpu
-        end_busy = machine_busy_seconds() if others else None
-        if busy is not None and end_busy is not None:
-            self.other_cpu += max(0.0, end_busy - busy - cpu)
-            self.measured_wall += wall
-
-    def other_cores(self) -> float:
-        """Mean number of cores other processes kept busy while this meter measured."""
-        return self.other_cpu / self.measured_wall if self.measured_wall else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,44 +169,43 @@ class Problem(NamedTuple):
     view_size: int
 
 
+def damp_step(problem: Problem, embeddings: torch.Tensor, index: torch.Tensor, kept: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's similarities and DAMP pseudo-labels from its B x V x D view embeddings; the
+    pseudo-labels are written into ``kept`` (AEVLP's pseudo_label_matrix), as AEVLP does."""
+    sims = damp.cosine_similarities(embeddings, problem.text_features)
+    _, current = damp.damp_pseudo_labels(sims, problem.observed[index], kept[index], **problem.damp_kwargs)
+    kept[index] = current.float()
+    return current, sims
+
+
 def aevlp_epochs(problem: Problem, encode, meter: Meter) -> tuple[torch.Tensor, torch.Tensor]:
     """(a): every epoch's steps with the teacher run on the views (``encode``: the CLIP image tower
     as the cache runs it, ``aevlp_encoder(...).encode``, so both designs embed alike); returns
     (current pseudo-labels of every step of every epoch, in order; their similarities)."""
     grid = problem.damp_kwargs["grid_size"]
-    kept = torch.zeros(problem.observed.shape)       # AEVLP's pseudo_label_matrix
-    currents, similarities = [], []
+    kept = torch.zeros(problem.observed.shape)
+    steps = []
     for flips in problem.flips:
         for index in problem.steps:
-            with meter.measure("decode"):
+            with meter.measure("decode", others=False):
                 images = [datasets.open_rgb(problem.paths[i]) for i in index.tolist()]
-            with meter.measure("views"):
+            with meter.measure("views", others=False):
                 views = torch.cat([damp.aevlp_views(image, flips[i].tolist(), grid_size=grid, size=problem.view_size)
                                    for image, i in zip(images, index.tolist())])
-            with meter.measure("forward"), torch.no_grad():
+            with meter.measure("forward", others=False), torch.no_grad():
                 embeddings = encode(views).float().reshape(len(index), -1, problem.text_features.shape[1])
-            with meter.measure("damp"):
-                sims = damp.cosine_similarities(embeddings, problem.text_features)
-                _, current = damp.damp_pseudo_labels(sims, problem.observed[index], kept[index], **problem.damp_kwargs)
-                kept[index] = current.float()
-            currents.append(current)
-            similarities.append(sims)
-    return torch.cat(currents), torch.cat(similarities)
+            with meter.measure("damp", others=False):
+                steps.append(damp_step(problem, embeddings, index, kept))
+    return torch.cat([current for current, _ in steps]), torch.cat([sims for _, sims in steps])
 
 
 def cached_epochs(problem: Problem, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(b): every epoch's steps from the cached rows (N x 2V x D); same returns as ``aevlp_epochs``."""
     kept = torch.zeros(problem.observed.shape)
-    currents, similarities = [], []
-    for flips in problem.flips:
-        for index in problem.steps:
-            embeddings = damp.pick_flips(cached[index], flips[index])
-            sims = damp.cosine_similarities(embeddings, problem.text_features)
-            _, current = damp.damp_pseudo_labels(sims, problem.observed[index], kept[index], **problem.damp_kwargs)
-            kept[index] = current.float()
-            currents.append(current)
-            similarities.append(sims)
-    return torch.cat(currents), torch.cat(similarities)
+    steps = [damp_step(problem, damp.pick_flips(cached[index], flips[index]), index, kept)
+             for flips in problem.flips for index in problem.steps]
+    return torch.cat([current for current, _ in steps]), torch.cat([sims for _, sims in steps])
 
 
 def warm_up(teacher: teacher_module.Teacher, problem: Problem) -> None:
@@ -302,7 +256,7 @@ def _run(args: argparse.Namespace, root: Path) -> dict:
     # The stored dtype, where this version of caches/damp has one (float16 for AEVLP's views).
     cache_dtype = encoder.dtype
     dtype_argument = {"dtype": cache_dtype}
-    with meter_b.measure("cache", others=True), torch.no_grad():
+    with meter_b.measure("cache"), torch.no_grad():
         cached = caches.cached_embeddings(encoder.encode, encoder.key, [str(p) for p in paths], encoder.image_size,
                                           encoder.mean, encoder.std, root / "cache" / "aevlp.npz",
                                           batch_size=args.batch_size, log=messages.append, views=encoder.views,
@@ -311,13 +265,13 @@ def _run(args: argparse.Namespace, root: Path) -> dict:
     cache_bytes = (root / "cache" / "aevlp.npz").stat().st_size
     stored_dtype = str(cached.dtype)
     cached = torch.from_numpy(cached)
-    cache_s, cache_cpu = meter_b.wall["cache"], meter_b.cpu["cache"]
+    cache_s, cache_cpu = meter_b.total("cache")
 
     # (b) per epoch, --repeats passes over the measured epochs.
     # The median pass: on a shared machine a pass of milliseconds now and then takes 100+ ms (torch's
     # CPU threads wait for a descheduled peer), which would dominate a mean.
     passes_wall, passes_cpu = [], []
-    with meter_b.measure("all epochs", others=True):
+    with meter_b.measure("all epochs"):
         for _ in range(args.repeats):
             wall, cpu = time.perf_counter(), time.process_time()
             b_current, b_sims = cached_epochs(problem, cached)
@@ -327,10 +281,10 @@ def _run(args: argparse.Namespace, root: Path) -> dict:
     b_epoch_mean, b_epoch_max = float(np.mean(passes_wall)), float(np.max(passes_wall))
 
     # (a) AEVLP: the teacher on every step.
-    with meter_a.measure("all epochs", others=True):
+    with meter_a.measure("all epochs"):
         a_current, a_sims = aevlp_epochs(problem, encoder.encode, meter_a)
-    a_parts = {part: meter_a.wall[part] / args.epochs for part in A_PARTS}
-    a_cpu_parts = {part: meter_a.cpu[part] / args.epochs for part in A_PARTS}
+    a_parts = {part: meter_a.total(part)[0] / args.epochs for part in A_PARTS}
+    a_cpu_parts = {part: meter_a.total(part)[1] / args.epochs for part in A_PARTS}
     a_epoch, a_cpu_epoch = sum(a_parts.values()), sum(a_cpu_parts.values())
     a_no_decode = a_epoch - a_parts["decode"]
 

@@ -34,12 +34,10 @@ cores other processes kept busy while it measured (wall times are only trustwort
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +51,7 @@ import engine  # noqa: E402
 import main_clip  # noqa: E402
 import models  # noqa: E402
 import teacher as teacher_module  # noqa: E402
+from bench.timing import Meter  # noqa: E402
 from preproc import format_pascal, generate_observed_labels, make_demo_data  # noqa: E402
 
 DATASET = "pascal"
@@ -60,52 +59,6 @@ LOSS = "EM_PL"
 # VOC 2012 sizes: official train 5717 images split 80/20 (seed 1200) into train and val; the
 # official val set (5823 images) is the test set.
 VOC_SIZES = {"train": 4574, "val": 1143, "test": 5823}
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all processes of the machine have run (Linux /proc/stat; None elsewhere)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:9]]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return None
-
-
-class Meter:
-    """Wall and process-CPU seconds per named phase, and how much CPU other processes took meanwhile
-    (the machine is shared: a wall time measured while others run is too long)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.wall: dict[str, list[float]] = defaultdict(list)
-        self.cpu: dict[str, list[float]] = defaultdict(list)
-        self.other_cpu = 0.0
-        self.measured_wall = 0.0
-
-    @contextlib.contextmanager
-    def measure(self, name: str):
-        self.synchronize()
-        wall, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_seconds()
-        yield
-        self.synchronize()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        self.wall[name].append(wall)
-        self.cpu[name].append(cpu)
-        end_busy = machine_busy_seconds()
-        if busy is not None and end_busy is not None:
-            self.other_cpu += max(0.0, end_busy - busy - cpu)
-            self.measured_wall += wall
-
-    def synchronize(self) -> None:
-        """Wait for queued accelerator work, so a phase's time includes its kernels."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def other_cores(self) -> float:
-        """Mean number of cores other processes kept busy while this meter measured."""
-        return self.other_cpu / self.measured_wall if self.measured_wall else float("nan")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+import engine
 import main_clip
 import teacher as teacher_module
 
@@ -45,3 +47,23 @@ def demo_argv(demo_root: Path, out: Path, *extra: str) -> list[str]:
 
 def demo_args(demo_root: Path, out: Path, *extra: str):
     return main_clip.get_args_parser().parse_args(demo_argv(demo_root, out, *extra))
+
+
+def run_once_and_resumed(demo_root: Path, out: Path, monkeypatch, *flags: str) -> tuple[dict, dict]:
+    """The 2-epoch demo run with ``flags`` in one go (run folder ``once``) and the same run stopped
+    by Ctrl-C before its second epoch, then resumed (``split``); their summaries. Methods whose
+    schedules run over the stage's epochs need this split (a run of --epochs 1 has another schedule)."""
+    once = main_clip.main(demo_args(demo_root, out, *flags, "--run-name", "once"))
+    run_epoch = engine.Trainer.run_epoch
+
+    def stop_before_epoch_two(trainer, epoch, stage):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        run_epoch(trainer, epoch, stage)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.Trainer, "run_epoch", stop_before_epoch_two)
+        with pytest.raises(KeyboardInterrupt):
+            main_clip.main(demo_args(demo_root, out, *flags, "--run-name", "split"))
+    assert torch.load(out / "split" / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1
+    resumed = main_clip.main(demo_args(demo_root, out, *flags, "--run-name", "split", "--resume"))
+    return once, resumed

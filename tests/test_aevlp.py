@@ -22,7 +22,7 @@ import main_clip
 import methods
 import pseudo_labels
 import teacher as teacher_module
-from conftest import demo_args
+from conftest import demo_args, run_once_and_resumed
 from distributed import Distributed
 from methods.aevlp import AEVLP
 
@@ -232,22 +232,10 @@ def test_aevlp_trains_on_the_demo_data_and_reports_its_pseudo_labels(demo_root, 
 
 
 def test_aevlp_resumes_exactly_after_an_interruption(demo_root, tmp_path, monkeypatch):
-    common = ("-l", "AEVLP", "--grid-size", "2", "--damp-threshold", "0.05")
-    once = main_clip.main(demo_args(demo_root, tmp_path, *common, "--run-name", "once"))
-    run_epoch = engine.Trainer.run_epoch
-
-    def stop_before_epoch_two(trainer, epoch, stage):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        run_epoch(trainer, epoch, stage)
-    monkeypatch.setattr(engine.Trainer, "run_epoch", stop_before_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        main_clip.main(demo_args(demo_root, tmp_path, *common, "--run-name", "split"))
-    monkeypatch.setattr(engine.Trainer, "run_epoch", run_epoch)
-    saved = torch.load(tmp_path / "split" / "last.pt", map_location="cpu", weights_only=True)
-    assert saved["epoch"] == 1 and saved["pseudo_labels"]["kept"].sum() > 0
-    resumed = main_clip.main(demo_args(demo_root, tmp_path, *common, "--run-name", "split", "--resume"))
+    once, resumed = run_once_and_resumed(demo_root, tmp_path, monkeypatch, "-l", "AEVLP", "--grid-size", "2",
+                                         "--damp-threshold", "0.05")
     assert resumed == once and resumed["epochs_run"] == 2
     states = [torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=True) for name in ("once", "split")]
     assert all(torch.equal(states[0]["model"][k], states[1]["model"][k]) for k in states[0]["model"])
     assert torch.equal(states[0]["pseudo_labels"]["kept"], states[1]["pseudo_labels"]["kept"])
+    assert states[1]["pseudo_labels"]["kept"].sum() > 0

@@ -11,12 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import engine
 import losses
 import main_clip
 import methods
 import rundir
-from conftest import demo_args
+from conftest import demo_args, run_once_and_resumed
 from labels import LabelState
 from methods.gr import AEVLP_CONFIGS, GR
 
@@ -245,22 +244,8 @@ def test_gr_trains_end_to_end_on_the_demo_data(demo_root, tmp_path):
 
 
 def test_gr_resumes_exactly_after_an_interruption(demo_root, tmp_path, monkeypatch):
-    """The schedule runs over the stage's epochs, so the split run is the 2-epoch run stopped after
-    its first epoch (a run of --epochs 1 has another schedule), then resumed as it is."""
-    common = ("-l", "GR", "--train-mode", "linear_fixed_features", "--head-lr", "1e-2")
-    once = main_clip.main(demo_args(demo_root, tmp_path, *common, "--run-name", "once"))
-    run_epoch = engine.Trainer.run_epoch
-
-    def stop_before_epoch_two(trainer, epoch, stage):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        run_epoch(trainer, epoch, stage)
-    monkeypatch.setattr(engine.Trainer, "run_epoch", stop_before_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        main_clip.main(demo_args(demo_root, tmp_path, *common, "--run-name", "split"))
-    monkeypatch.setattr(engine.Trainer, "run_epoch", run_epoch)
-    assert torch.load(tmp_path / "split" / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1
-    resumed = main_clip.main(demo_args(demo_root, tmp_path, *common, "--run-name", "split", "--resume"))
+    once, resumed = run_once_and_resumed(demo_root, tmp_path, monkeypatch, "-l", "GR", "--train-mode",
+                                         "linear_fixed_features", "--head-lr", "1e-2")
     assert resumed == once and resumed["epochs_run"] == 2
     weights = [torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=True)["model"]
                for name in ("once", "split")]
