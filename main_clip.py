@@ -208,7 +208,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config["run_name"] = default_run_name(args)
     info = datasets.get_dataset_info(args.dataset)
     if config["text_features"] is None:
-        config["text_features"] = str(datasets.dataset_dir(args.data_root, args.dataset) / info.text_feature_file)
+        config["text_features"] = str(datasets.dataset_dir(args.data_root, args.dataset)
+                                      / teacher_module.text_features_file(info, config["teacher"]))
     if config["cache_dir"] is None:
         config["cache_dir"] = str(datasets.dataset_dir(args.data_root, args.dataset) / "cache")
     _check_values(config)

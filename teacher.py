@@ -184,6 +184,17 @@ def pseudo_labels_from_embeddings(embeddings: torch.Tensor | np.ndarray,
     return q, similarity
 
 
+def text_features_file(info: datasets.DatasetInfo, teacher: str = models.DEFAULT_TEACHER) -> str:
+    """The dataset folder's text-feature file of ``teacher``: the registry's file (VLPL's, made
+    with its ViT-L teacher) for the default teacher, ``<stem>_<teacher>.npy`` for another, so
+    that features of different widths never share a file."""
+    models.teacher_spec(teacher)
+    if teacher == models.DEFAULT_TEACHER:
+        return info.text_feature_file
+    path = Path(info.text_feature_file)
+    return f"{path.stem}_{teacher}{path.suffix}"
+
+
 def _text_features_command(dataset: str | None, teacher: str | None = None) -> str:
     # --teacher only when it is not make_text_features.py's default (the shortest right command).
     option = f" --teacher {teacher}" if teacher not in (None, models.DEFAULT_TEACHER) else ""

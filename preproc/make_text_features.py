@@ -3,8 +3,9 @@
 Run from the repository root:
     python preproc/make_text_features.py --dataset NAME [--label-only | --prompt "a photo of a {}."]
         [--teacher NAME] [--clip-weights FILE] [--data-root data] [--out FILE] [--force] [--tiny]
-Writes ``<data-root>/<NAME>/<registry text-feature file>`` (e.g. VOC20text_feature_labelonly.npy)
-unless ``--out`` is given. Default texts: the bare class name when that file name says
+Writes ``<data-root>/<NAME>/<registry text-feature file>`` (e.g. VOC20text_feature_labelonly.npy;
+for a teacher other than the default ``<stem>_<teacher>.npy``, ``teacher.text_features_file``,
+what main_clip.py reads by default) unless ``--out`` is given. Default texts: the bare class name when that file name says
 'labelonly' (as the original's files presumably were), otherwise "a photo of a {}.".
 The teacher is the CLIP of main_clip.py: ``--teacher`` (a ``models.TEACHERS`` name, default
 VLPL's), its weights from ``--clip-weights``, else open_clip's download; ``--tiny`` uses the tiny
@@ -48,7 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         + "), a CLIP state dict or a Hugging Face CLIP folder (default: open_clip's download)")
     parser.add_argument("--data-root", default="data", help="folder holding <dataset>/")
     parser.add_argument("--out", default=None, help="output .npy (default: the dataset folder's "
-                                                    "registry text-feature file)")
+                                                    "registry text-feature file; <stem>_<teacher>.npy "
+                                                    "for a teacher other than the default)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny random CLIP of --tiny-models runs (tests, demo)")
@@ -81,7 +83,8 @@ def make_text_features(teacher: teacher_module.Teacher, class_names: Sequence[st
 def main(args: argparse.Namespace) -> Path:
     info = datasets.get_dataset_info(args.dataset)
     prompt = resolve_prompt(info, args.label_only, args.prompt)
-    out = Path(args.out) if args.out else datasets.dataset_dir(args.data_root, args.dataset) / info.text_feature_file
+    out = Path(args.out) if args.out else (datasets.dataset_dir(args.data_root, args.dataset)
+                                           / teacher_module.text_features_file(info, args.teacher))
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists (it may be a published file); pass --force to overwrite it "
                          f"or --out to write elsewhere")
