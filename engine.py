@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,16 @@ def autocast(amp: str, device: torch.device):
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+
+
+def use_deterministic_algorithms() -> None:
+    """``--deterministic``: kernels that give the same result on every run, so that on CUDA a
+    resumed run repeats the uninterrupted one (on the CPU the kernels this code uses already do).
+    cuBLAS reads its workspace setting when it starts, so it is set before any CUDA work; an
+    operation without a deterministic kernel warns instead of stopping the run."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def train_step(net, optimizer, scaler, inputs, loss_of, amp_context) -> tuple[torch.Tensor, torch.Tensor]:

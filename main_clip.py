@@ -38,7 +38,7 @@ from errors import RunError, exit_code
 from fileio import atomic_write_json
 
 # Settings that may change when a run is resumed without changing what it computes.
-RESUMABLE_CHANGES = {"resume", "epochs", "num_workers", "gpu", "test_every_epoch", "amp"}
+RESUMABLE_CHANGES = {"resume", "epochs", "num_workers", "gpu", "test_every_epoch", "amp", "deterministic"}
 
 
 def _method_help() -> str:
@@ -107,6 +107,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="learning rate of head-only epochs (frozen-feature modes; per method, VLPL: 1e-4)")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                    help="mixed precision for forward passes (fp16 with a gradient scaler, CUDA only)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace :4096:8): on "
+                        "CUDA a resumed run then repeats the uninterrupted one exactly; slower")
 
     g = p.add_argument_group("weights and outputs")
     g.add_argument("--backbone-weights", default=None, help="local weights file for resnet50 / convnext backbones")
@@ -126,7 +129,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # What a saved configuration never carries over: the run's name, and what to do with it.
 _NOT_CARRIED = {"resume", "config", "run_name"}
 # Settings newer than some run folders, with what the runs that lack them used.
-_ADDED_SETTINGS = {"teacher": models.DEFAULT_TEACHER}
+_ADDED_SETTINGS = {"teacher": models.DEFAULT_TEACHER, "deterministic": False}
 # What may differ between a run's config.json and its resume without changing what it computes.
 _LOCATION = {"run_name", "output_dir", "config"}
 
@@ -311,6 +314,8 @@ def main(args: argparse.Namespace) -> dict:
         args = apply_resumed_config(args)
     try:
         config = resolve_config(args)
+        if config["deterministic"]:
+            engine.use_deterministic_algorithms()
         run_dir = prepare_run_dir(config)
         run_setup = setup(config, dist)
     except (ValueError, FileNotFoundError) as error:

@@ -3,6 +3,7 @@ resume as configured, the folder lock, damaged checkpoints, bad names and flags,
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint
+import engine
 import instrumentation
 import main_clip
 import rundir
@@ -181,3 +183,26 @@ def test_the_summariser_counts_a_seed_once_and_survives_nan(tmp_path):
     assert "61.00 ± 1.41 (2)" in text
     assert "same configuration and seed as a: left out of the means over seeds" in text
     assert "best_test_map that is not a finite number (nan)" in text
+
+
+def test_deterministic_kernels_on_request_and_as_a_resume_change(demo_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = []
+    real_fit = engine.Trainer.fit
+
+    def fit(trainer):
+        seen.append((trainer.config["deterministic"], torch.are_deterministic_algorithms_enabled(),
+                     os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return real_fit(trainer)
+    monkeypatch.setattr(engine.Trainer, "fit", fit)
+    try:
+        main_clip.main(main_clip.get_args_parser().parse_args(demo_argv(demo_root, tmp_path, *FAST, "--epochs", "1",
+                                                                        "--run-name", "plain")))
+        resumed = main_clip.main(main_clip.get_args_parser().parse_args(
+            ["--output-dir", str(tmp_path), "--run-name", "plain", "--resume", "--epochs", "2", "--deterministic"]))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen == [(False, False, None), (True, True, ":4096:8")]
+    assert resumed["epochs_run"] == 2
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["deterministic"] is True
+    assert "resume with deterministic False -> True" in (tmp_path / "plain" / "log.txt").read_text()
