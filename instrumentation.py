@@ -29,6 +29,7 @@ import numpy as np
 
 import fileio
 import metrics
+import rundir
 
 PHASES = ("train", "val", "test")
 LOG_FILE = "log.txt"
@@ -252,8 +253,9 @@ def _complete_lines(text: str) -> list[str]:
 # config.json keys that do not change the experiment (bookkeeping, paths, hardware): runs that
 # differ only in these and in the seed form one group. Keys ending in "_dir" are ignored too.
 # "config" names the --config file the settings were read from; the settings themselves count.
+# "deterministic" chooses kernels, not the experiment.
 BOOKKEEPING_KEYS = frozenset({"seed", "run_name", "output_dir", "resume", "gpu", "device", "num_workers",
-                              "data_root", "cache_dir", "test_every_epoch", "echo", "config"})
+                              "data_root", "cache_dir", "test_every_epoch", "echo", "config", "deterministic"})
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -326,7 +328,8 @@ def _read_run(run_dir: Path) -> dict:
             problems.append("summary.json has no best_val_map")
     if config is not None and summary is not None:
         # A setting left unset (None) counts as absent: a config written before its flag existed agrees.
-        key = {k: v for k, v in config.items()
+        # A config.json from before a setting existed had the value rundir.ADDED_SETTINGS names.
+        key = {k: v for k, v in {**rundir.ADDED_SETTINGS, **config}.items()
                if k not in BOOKKEEPING_KEYS and not k.endswith("_dir") and v is not None}
         row["group"] = json.dumps(key, sort_keys=True, default=str)
     return row

@@ -128,8 +128,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 # What a saved configuration never carries over: the run's name, and what to do with it.
 _NOT_CARRIED = {"resume", "config", "run_name"}
-# Settings newer than some run folders, with what the runs that lack them used.
-_ADDED_SETTINGS = {"teacher": models.DEFAULT_TEACHER, "deterministic": False}
 # What may differ between a run's config.json and its resume without changing what it computes.
 _LOCATION = {"run_name", "output_dir", "config"}
 
@@ -151,7 +149,7 @@ def read_saved_config(path: Path, what: str) -> dict:
     if unknown:
         raise RunError(f"{what} {path}: settings this version does not know ({', '.join(unknown)}): "
                        f"a config.json from an incompatible version")
-    return {**_ADDED_SETTINGS, **saved}
+    return {**rundir.ADDED_SETTINGS, **saved}
 
 
 def _with_saved(args: argparse.Namespace, saved: dict, not_carried: set[str] = _NOT_CARRIED) -> argparse.Namespace:

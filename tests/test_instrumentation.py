@@ -44,12 +44,13 @@ def run_phase(logger: RunLogger, phase: str, epoch: int, rng, num_examples: int 
     return logger.end_phase()
 
 
-def make_run(root: Path, name: str, seed: int, lr: float = 1e-5, epochs: int = 3, loss: str = "EM_PL") -> dict:
+def make_run(root: Path, name: str, seed: int, lr: float = 1e-5, epochs: int = 3, loss: str = "EM_PL",
+             **settings) -> dict:
     run_dir = root / name
     run_dir.mkdir(parents=True)
     config = {"dataset": "pascal", "model": "resnet50", "loss": loss, "seed": seed, "lr": lr, "alpha": 0.2,
               "bsize": 8, "epochs": epochs, "run_name": name, "output_dir": str(root), "resume": False,
-              "num_workers": 2}
+              "num_workers": 2, **settings}
     with open(run_dir / "config.json", "w") as handle:
         json.dump(config, handle)
     rng = np.random.default_rng(seed * 100 + int(lr * 1e6))
@@ -251,3 +252,16 @@ def test_summarize_single_run_dir_and_cli(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == instrumentation.summarize([tmp_path])
     assert result.stdout.splitlines()[0].split()[:4] == ["run", "dataset", "model", "loss"]
+
+
+def test_runs_from_before_a_setting_and_kernel_choices_share_a_seed_group(tmp_path):
+    """A config.json without "teacher" ran the default teacher; --deterministic chooses kernels."""
+    results = tmp_path / "results"
+    make_run(results, "old_s0", seed=0)
+    make_run(results, "new_s1", seed=1, teacher="ViT-L-14-336", deterministic=True)
+    make_run(results, "new_s8", seed=8, teacher="ViT-L-14-336", deterministic=False)
+    make_run(results, "other_s0", seed=0, teacher="ViT-B-16")
+    make_run(results, "other_s1", seed=1, teacher="ViT-B-16")
+    groups = instrumentation.seed_groups(instrumentation.read_runs([results]))
+    assert sorted(sorted(row["run"] for row in group) for group in groups.values()) == [
+        ["new_s1", "new_s8", "old_s0"], ["other_s0", "other_s1"]]

@@ -15,6 +15,7 @@ from transformers import CLIPConfig, CLIPModel
 import hf_clip
 import main_clip
 import models
+import rundir
 import saved_run
 import teacher as teacher_module
 from conftest import demo_args, demo_argv
@@ -42,6 +43,8 @@ def vit_b16() -> torch.nn.Module:
 def test_the_table():
     assert set(models.TEACHERS) == set(EXPECTED) and OTHER != models.DEFAULT_TEACHER
     assert models.DEFAULT_TEACHER == "ViT-L-14-336"
+    # Run folders from before --teacher ran the default teacher (resume and summariser read that).
+    assert rundir.ADDED_SETTINGS["teacher"] == models.DEFAULT_TEACHER
     for name, spec in models.TEACHERS.items():
         assert (spec.image_size, spec.embed_dim) == EXPECTED[name]
         assert spec.config["quick_gelu"] is True  # OpenAI's weights were trained with QuickGELU
