@@ -12,6 +12,7 @@ import torch
 
 import datasets
 import engine
+import main_clip
 import metrics
 import models
 from distributed import Distributed
@@ -78,3 +79,19 @@ def test_sampler_shards_cover_the_permutation_with_the_same_flips():
 def test_gather_rows_drops_padding_and_sorts():
     indices, rows = Distributed().gather_rows(np.array([3, 1, 0, 2, 3]), np.arange(5)[:, None] * 1.0)
     assert indices.tolist() == [0, 1, 2, 3] and rows[:, 0].tolist() == [2.0, 1.0, 3.0, 0.0]
+
+
+def test_aevlp_pseudo_labels_of_every_row_reach_every_rank(demo_root, tmp_path):
+    """DAMP's pseudo-labels of a row depend on its cached views, its drawn flips and its observed
+    labels, not on the model, and the sampler draws each item's flips whatever the number of
+    processes: two processes, each making half of them, end with the one-process matrix."""
+    flags = ("-l", "AEVLP", "--grid-size", "2", "--damp-threshold", "0.05", "--epochs", "1")
+    torchrun(demo_root, tmp_path, *flags, "--run-name", "two")
+    main_clip.main(main_clip.get_args_parser().parse_args(
+        ["-d", "pascal", "--data-root", str(demo_root), "--output-dir", str(tmp_path), "--tiny-models",
+         "--num-workers", "0", "--lr", "1e-3", "--bsize", "16", *flags, "--run-name", "one"]))
+    kept = [torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=True)["pseudo_labels"]["kept"]
+            for name in ("one", "two")]
+    assert kept[0].sum() > 0 and torch.equal(kept[0], kept[1])
+    reports = [json.loads((tmp_path / name / "summary.json").read_text())["pseudo_labels"] for name in ("one", "two")]
+    assert reports[0] == reports[1]
