@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import damp
 import datasets
 
 # Byte-for-byte copies of AEVLP's data/classnames/*_labels.txt (see the README there).
@@ -102,11 +103,9 @@ def class_similarity(text_features: torch.Tensor | np.ndarray) -> torch.Tensor:
     unit diagonal and values 0.43-1, i.e. they look like cosine similarities of class-name text
     embeddings; we make them from the teacher's text features."""
     features = _as_float32_matrix(text_features, "text_features")
-    norms = features.norm(dim=1, keepdim=True)
-    if bool((norms == 0).any()):
+    if bool((features.norm(dim=1) == 0).any()):
         raise ValueError("text_features has an all-zero row: its cosine similarity is undefined")
-    unit = features / norms
-    return unit @ unit.T
+    return damp.cosine_similarities(features, features)
 
 
 def aevlp_relation(similarity: torch.Tensor | np.ndarray, *, sparse_topk: int, reweight_p: float,

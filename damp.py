@@ -44,6 +44,20 @@ class DampSettings:
     negative_ratio: float   # int(negative_ratio * K) lowest-scored classes are cleared to 0
 
 
+# A run's configuration key of each setting (the flags of the methods that use DAMP: its temp and
+# threshold are not VLPL's -t and -th).
+DAMP_CONFIG_KEYS = {"grid_size": "grid_size", "temp": "damp_temp", "eta": "damp_eta", "threshold": "damp_threshold",
+                    "top_k": "damp_top_k", "negative_ratio": "negative_ratio"}
+
+
+def settings_from_config(config: dict) -> DampSettings:
+    return DampSettings(**{field: config[key] for field, key in DAMP_CONFIG_KEYS.items()})
+
+
+def settings_as_config(settings: DampSettings) -> dict:
+    return {key: getattr(settings, field) for field, key in DAMP_CONFIG_KEYS.items()}
+
+
 # AEVLP's configs/<dataset>.json (grid_size, temp, eta, threshold, negative_ratio; the run scripts
 # pass --use_config_file True) and config.py's _LOOKUP['top_k'] (set after the file is read).
 DAMP_SETTINGS = {

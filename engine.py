@@ -285,7 +285,6 @@ class Trainer:
         self.pseudo_labels: pseudo_labels.PseudoLabelRule | None = None
         if setup.text_features is not None:
             self.pseudo_labels = pseudo_labels.RULES[self.method_class.pseudo_label_rule](self)
-        self.online = self.pseudo_labels is not None and self.pseudo_labels.online
 
         torch.manual_seed(config["seed"])
         if model is None:
@@ -298,6 +297,11 @@ class Trainer:
             # (1.26x per ResNet-50 training step on a 2-core CPU, bench/channels_last.py).
             self.model = self.model.to(memory_format=torch.channels_last)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config["amp"] == "fp16")
+
+    @property
+    def online(self) -> bool:
+        """The teacher runs on every training batch (its work is not cached)."""
+        return self.pseudo_labels is not None and self.pseudo_labels.online
 
     # -- teacher and feature caches ------------------------------------------------------------
     def teacher_encoder(self, flips: bool = True) -> Encoder:

@@ -16,7 +16,7 @@ the logger); ``text_features`` is called by ``main_clip.setup`` before there is 
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -81,6 +81,11 @@ class PseudoLabelRule:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def set_report(self, report: dict, what: str) -> None:
+        """Keep ``report`` (``teacher.pseudo_label_report``) and log it after ``what``."""
+        self.report = report
+        self.trainer.logger.log(f"{what}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
+
 
 class VLPLRule(PseudoLabelRule):
     """VLPL's pseudo-labels: softmax over the class text features, threshold, partial negatives
@@ -114,9 +119,8 @@ class VLPLRule(PseudoLabelRule):
         as_is, flipped = (self.labeler.from_embeddings(torch.nn.functional.normalize(embeddings[:, flip], dim=-1))
                           for flip in (0, 1))
         run.labels.set_pseudo(as_is, flipped)
-        self.report = teacher_module.pseudo_label_report(run.labels.pseudo, run.benchmark.train.labels)
-        run.logger.log("pseudo-labels (cached teacher, vs clean train labels): "
-                       + ", ".join(f"{k} {v:.4g}" for k, v in self.report.items()))
+        self.set_report(teacher_module.pseudo_label_report(run.labels.pseudo, run.benchmark.train.labels),
+                        "pseudo-labels (cached teacher, vs clean train labels)")
 
     def batch(self, index, batch, observed):
         run = self.trainer
@@ -131,10 +135,7 @@ class DampRule(PseudoLabelRule):
 
     def __init__(self, trainer: Trainer):
         super().__init__(trainer)
-        config = trainer.config
-        self.settings = damp.DampSettings(
-            grid_size=config["grid_size"], temp=config["damp_temp"], eta=config["damp_eta"],
-            threshold=config["damp_threshold"], top_k=config["damp_top_k"], negative_ratio=config["negative_ratio"])
+        self.settings = damp.settings_from_config(trainer.config)
         self.similarities: Tensor | None = None          # N x 2V x K, float32, on the CPU
         # AEVLP's pseudo_label_matrix: each row's latest pseudo-labels, fed back to DAMP as its
         # accumulated input (which only shapes an output AEVLP discards; kept for fidelity and
@@ -176,24 +177,23 @@ class DampRule(PseudoLabelRule):
         """Every view of every official train image in both flips, embedded once (cached), and
         their cosine similarities with the class text features."""
         run = self.trainer
-        embeddings = run.cache.embeddings("train", self.encoder())[run.benchmark.train_indices]
+        official = run.cache.embeddings("train", self.encoder())     # every official train image
+        rows = run.benchmark.train_indices
         text_features = run.setup.text_features.to(run.device)
-        chunk = max(1, 2 ** 22 // max(1, int(np.prod(embeddings.shape[1:]))))
+        # The train split's rows a chunk at a time: no copy of the (float16, GBs) cache is made.
+        chunk = max(1, 2 ** 22 // int(np.prod(official.shape[1:])))
         self.similarities = torch.cat([
-            damp.cosine_similarities(torch.from_numpy(embeddings[start:start + chunk]).to(run.device),
+            damp.cosine_similarities(torch.from_numpy(official[rows[start:start + chunk]]).to(run.device),
                                      text_features).cpu()
-            for start in range(0, len(embeddings), chunk)])
-        run.logger.log(f"DAMP: {self.similarities.shape[1] // 2} views x 2 flips of {len(embeddings)} training images "
+            for start in range(0, len(rows), chunk)])
+        run.logger.log(f"DAMP: {self.similarities.shape[1] // 2} views x 2 flips of {len(rows)} training images "
                        f"cached; settings {self.settings}")
 
     def batch(self, index, batch, observed):
         device = observed.device
         views = damp.pick_flips(self.similarities[index], batch["view_flips"]).to(device)
-        settings = self.settings
-        _, current = damp.damp_pseudo_labels(
-            views, observed, self.kept[index].to(device), grid_size=settings.grid_size, temp=settings.temp,
-            eta=settings.eta, threshold=settings.threshold, top_k=settings.top_k,
-            negative_ratio=settings.negative_ratio)
+        _, current = damp.damp_pseudo_labels(views, observed, self.kept[index].to(device),
+                                             **dataclasses.asdict(self.settings))
         rows = current.float().cpu()
         self.kept[index] = rows
         self._pending.append((index.cpu(), rows))
@@ -214,11 +214,9 @@ class DampRule(PseudoLabelRule):
         """AEVLP's per-epoch report: its pseudo-labels against the clean labels, unobserved
         entries only (its compute_precision_recall_pl, as fractions)."""
         run = self.trainer
-        self.report = teacher_module.pseudo_label_report(self.kept, run.benchmark.train.labels,
-                                                         run.labels.observed.numpy())
-        run.logger.log(f"DAMP pseudo-labels of epoch {epoch} (unobserved entries, vs clean train labels): "
-                       + ", ".join(f"{k} {v:.4g}" for k, v in self.report.items()
-                                   if isinstance(v, float) and math.isfinite(v)))
+        self.set_report(teacher_module.pseudo_label_report(self.kept, run.benchmark.train.labels,
+                                                           run.labels.observed.numpy()),
+                        f"DAMP pseudo-labels of epoch {epoch} (unobserved entries, vs clean train labels)")
 
     def state_dict(self) -> dict:
         return {"kept": self.kept.clone()}

@@ -29,7 +29,7 @@ LAM2 = Hyperparameter("lam2", float, "AEVLP: see --lam1 (default per dataset, AE
 RHO = Hyperparameter("rho", float, "AEVLP: a positive pseudo-label's loss is rho * -log(p) + (1 - rho) * -log(1 - p) "
                      "(default per dataset, AEVLP's)", minimum=0.0, maximum=1.0)
 
-# DAMP's settings (AEVLP's names), read by pseudo_labels.DampRule.
+# DAMP's settings (damp.DAMP_CONFIG_KEYS), read by pseudo_labels.DampRule.
 DAMP_HYPERPARAMETERS = (
     Hyperparameter("grid_size", int, "DAMP: the image is cut into a g x g grid of tiles, each a teacher view besides "
                    "the whole image (AEVLP: 4; CUB 5)", minimum=1),
@@ -50,10 +50,7 @@ DAMP_HYPERPARAMETERS = (
 
 
 def _dataset_defaults(dataset: str) -> dict:
-    settings = damp.DAMP_SETTINGS[dataset]
-    return dict(AEVLP_CONFIGS[dataset], teacher="ViT-B-16", grid_size=settings.grid_size, damp_temp=settings.temp,
-                damp_eta=settings.eta, damp_threshold=settings.threshold, damp_top_k=settings.top_k,
-                negative_ratio=settings.negative_ratio)
+    return dict(AEVLP_CONFIGS[dataset], teacher="ViT-B-16", **damp.settings_as_config(damp.DAMP_SETTINGS[dataset]))
 
 
 class AEVLP(GR):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 import losses
+import models
 from labels import LabelState
 
 
@@ -51,7 +52,7 @@ class Hyperparameter:
 
 # The protocol every method has; a method's table overrides entries per dataset.
 PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", weight_decay=0.0, head_lr_mult=1.0, head_lr=1e-4,
-                         patience=0, max_drop=0.0, teacher="ViT-L-14-336")
+                         patience=0, max_drop=0.0, teacher=models.DEFAULT_TEACHER)
 
 # VLPL's settings (DESIGN section 5), shared by the methods of its results table.
 VLPL_DATASET_DEFAULTS = {
