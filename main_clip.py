@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -152,10 +153,12 @@ def read_saved_config(path: Path, what: str) -> dict:
     return {**rundir.ADDED_SETTINGS, **saved}
 
 
-def _with_saved(args: argparse.Namespace, saved: dict, not_carried: set[str] = _NOT_CARRIED) -> argparse.Namespace:
-    """``args`` with the saved settings wherever a flag was left at its default; the saved
-    method's own settings only when the method stays the same."""
-    given = {dest for dest, default in _flag_defaults().items() if getattr(args, dest) != default}
+def _with_saved(args: argparse.Namespace, saved: dict, given: set[str] | None,
+                not_carried: set[str] = _NOT_CARRIED) -> argparse.Namespace:
+    """``args`` with the saved settings wherever a flag was not ``given`` (None: wherever a flag
+    was left at its default); the saved method's own settings only when the method stays the same."""
+    if given is None:
+        given = {dest for dest, default in _flag_defaults().items() if getattr(args, dest) != default}
     method = methods.get_method(args.loss if "loss" in given else saved["loss"])
     other_methods = set(methods.all_hyperparameters()) - {h.name for h in method.hyperparameters}
     args = argparse.Namespace(**vars(args))
@@ -165,29 +168,30 @@ def _with_saved(args: argparse.Namespace, saved: dict, not_carried: set[str] = _
     return args
 
 
-def apply_saved_config(args: argparse.Namespace) -> argparse.Namespace:
-    """``--config FILE``: a new run with the saved run's settings, flags set to other than their
-    defaults overriding them."""
+def apply_saved_config(args: argparse.Namespace, given: set[str] | None = None) -> argparse.Namespace:
+    """``--config FILE``: a new run with the saved run's settings, the ``given`` flags overriding
+    them (None: those set to other than their defaults)."""
     path = Path(args.config)
     saved = read_saved_config(path, "--config")
     if args.run_name is None:
         raise RunError(f"--config {path} starts a new run: give it a new --run-name")
-    return _with_saved(args, saved)
+    return _with_saved(args, saved, given)
 
 
 def default_run_name(args: argparse.Namespace) -> str:
     return f"{args.dataset}_{args.model}_{args.loss}_seed{args.seed}"
 
 
-def apply_resumed_config(args: argparse.Namespace) -> argparse.Namespace:
-    """``--resume``: the run continues as its config.json says, flags set to other than their
-    defaults overriding it (``prepare_run_dir`` refuses those that change what it computes)."""
+def apply_resumed_config(args: argparse.Namespace, given: set[str] | None = None) -> argparse.Namespace:
+    """``--resume``: the run continues as its config.json says, the ``given`` flags (None: those
+    set to other than their defaults) overriding it (``prepare_run_dir`` refuses those that change
+    what it computes)."""
     run_dir = rundir.run_dir_for(args.output_dir, args.run_name or default_run_name(args))
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise RunError(f"--resume: {run_dir} holds no run (no config.json); start the run without --resume")
     # The folder is where the command line says it is now (it may have been moved or renamed).
-    return _with_saved(args, read_saved_config(config_file, "--resume:"), _NOT_CARRIED | _LOCATION)
+    return _with_saved(args, read_saved_config(config_file, "--resume:"), given, _NOT_CARRIED | _LOCATION)
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -300,16 +304,19 @@ def demo_args(args: argparse.Namespace, argv_given: set[str]) -> argparse.Namesp
     return args
 
 
-def main(args: argparse.Namespace) -> dict:
-    """One training run; returns the summary dict. Raises RunError for fixable user errors."""
+def main(args: argparse.Namespace, given: set[str] | None = None) -> dict:
+    """One training run; returns the summary dict. Raises RunError for fixable user errors.
+    ``given``: the flags set on the command line (``given_flags``), which override a saved
+    configuration (``--config``, ``--resume``) even when equal to their defaults; None counts a
+    flag as given when it differs from its default."""
     if args.demo:
         print(DEMO_NOTICE)
         run_demo_data(Path(args.data_root))
     dist = init_distributed()
     if args.config is not None:
-        args = apply_saved_config(args)
+        args = apply_saved_config(args, given)
     if args.resume:
-        args = apply_resumed_config(args)
+        args = apply_resumed_config(args, given)
     try:
         config = resolve_config(args)
         if config["deterministic"]:
@@ -345,6 +352,9 @@ def main(args: argparse.Namespace) -> dict:
             if dist.is_main:
                 print(f"interrupted; {next_step(config, run_dir)}", file=sys.stderr, flush=True)
             raise
+        except datasets.UnreadableImageError as error:
+            # Found only when an epoch reads the image: once it is replaced the run can go on.
+            raise RunError(f"{error}; once it is replaced, {next_step(config, run_dir)}") from error
     if args.demo:
         print(DEMO_NOTICE)
     return summary
@@ -409,7 +419,8 @@ def resume_command(config: dict) -> str:
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """Destinations the user set on the command line (so the demo only fills the others)."""
+    """Destinations the user set on the command line: the demo fills only the others, and they
+    override a saved configuration."""
     quiet = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
@@ -425,9 +436,10 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[
 def cli(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
     if args.demo:
-        args = demo_args(args, given_flags(parser, argv))
-    return exit_code(main, args)
+        args = demo_args(args, given)
+    return exit_code(functools.partial(main, given=given), args)
 
 
 if __name__ == "__main__":

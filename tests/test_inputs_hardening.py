@@ -3,8 +3,10 @@ and 16-bit images, text features with zero or non-unit rows. Each failure is one
 file, and nothing partial is written."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -266,7 +268,13 @@ def test_damaged_image_is_one_error_line_of_the_command_line(tmp_path, capsys):
         truncate(image_root / name)
     error = cli_error(capsys, ["-d", "pascal", "-l", "an", "--data-root", str(tmp_path / "data"), "--output-dir",
                                str(tmp_path / "out"), "--tiny-models", "--epochs", "1", "--num-workers", "0"])
-    one_line(error, "error: cannot decode image", str(image_root))
+    one_line(error, "error: cannot decode image", str(image_root), "once it is replaced",
+             "continue with: python main_clip.py", "--resume")
+    for seed, name in enumerate(("train1.jpg", "train3.jpg")):
+        save_image(image_root / name, seed, fmt="JPEG")
+    resume = shlex.split(error.split("continue with: ", 1)[1])[2:]
+    assert main_clip.cli(resume) == 0
+    assert json.loads((tmp_path / "out" / "pascal_resnet50_an_seed0" / "summary.json").read_text())["epochs_run"] == 1
 
 
 def test_damaged_image_is_named_through_loader_workers(tmp_path):

@@ -171,3 +171,23 @@ def test_a_saved_config_starts_a_new_run_with_overrides(demo_root, tmp_path, cap
     assert "cannot read a run configuration" in cli_error(capsys, ["--config", str(tmp_path / "none.json"),
                                                                    "--run-name", "y"])
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_flags_given_equal_to_their_defaults_still_override_a_saved_run(demo_root, tmp_path, capsys, monkeypatch):
+    parser = main_clip.get_args_parser()
+    assert parser.get_default("seed") == 0
+    saved = main_clip.resolve_config(run_args(demo_root, tmp_path, "--seed", "2", "--run-name", "r"))
+    (tmp_path / "r").mkdir()
+    saved_file = tmp_path / "r" / "config.json"
+    saved_file.write_text(json.dumps(saved))
+    # --seed 0 on the command line is a change a resumed run refuses, not a flag left out.
+    message = cli_error(capsys, ["--output-dir", str(tmp_path), "--run-name", "r", "--resume", "--seed", "0"])
+    assert "different configuration" in message and "seed" in message
+    argv = ["--config", str(saved_file), "--run-name", "seed0", "--seed", "0"]
+    seen = {}
+    monkeypatch.setattr(main_clip, "main", lambda args, given=None: seen.update(args=args, given=given))
+    assert main_clip.cli(argv) == 0
+    new_run = main_clip.apply_saved_config(seen["args"], seen["given"])
+    assert new_run.seed == 0 and new_run.lr == saved["lr"] and new_run.epochs == saved["epochs"]
+    # Without the command line's record (a Namespace built in code), a default value reads as left out.
+    assert main_clip.apply_saved_config(parser.parse_args(argv)).seed == 2
