@@ -1,8 +1,8 @@
 """The run's checkpoints, decided and written in one place (DESIGN section 7).
 
 ``last.pt`` after every epoch holds everything a resume needs (model, optimizer, scaler, label
-state, method state, early stopping, logger); ``best.pt`` holds the weights of the best epoch by
-val mAP (strictly better than every earlier epoch). Both are written atomically by rank 0, load
+state, method state, early stopping, logger); ``best.pt`` holds the weights and the method state of
+the best epoch by val mAP (strictly better than every earlier epoch). Both are written atomically by rank 0, load
 with ``weights_only=True`` and carry a checksum of their contents, verified at load: a damaged
 file is refused with one line, never silently replaced by a fresh start.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,11 +76,14 @@ class CheckpointSaver:
     def last_path(self) -> Path:
         return self.run_dir / LAST
 
-    def update_best(self, epoch: int, val_map: float, model: torch.nn.Module, config: dict) -> bool:
-        """Record ``epoch``'s val mAP; on a new best, write its weights to best.pt. True on a new best."""
+    def update_best(self, epoch: int, val_map: float, model: torch.nn.Module, config: dict,
+                    method_state: Callable[[], dict] = dict) -> bool:
+        """Record ``epoch``'s val mAP; on a new best, write its weights and ``method_state()`` (the
+        method's state, which a later training stage may start from) to best.pt. True on a new best."""
         new_best = self.logger.update_best(epoch, val_map)
         if new_best:
-            self._write(BEST, dict(model=model.state_dict(), epoch=epoch, val_map=val_map, config=config))
+            self._write(BEST, dict(model=model.state_dict(), method=method_state(), epoch=epoch, val_map=val_map,
+                                   config=config))
         return new_best
 
     def save_last(self, state: dict) -> None:

@@ -30,7 +30,7 @@ import models
 import pseudo_labels
 import teacher as teacher_module
 from caches import Encoder, OfficialSetCache
-from checkpoint import CheckpointSaver
+from checkpoint import BEST, CheckpointSaver
 from distributed import Distributed
 from errors import RunError
 from instrumentation import RunLogger
@@ -418,6 +418,15 @@ class Trainer:
         self.logger.log(f"resumed from {self.saver.last_path} after epoch {state['epoch']}")
         return state
 
+    def carry_method_state(self, stage: Stage, best: dict) -> None:
+        """Hand the method state of the best epoch so far (the weights the stage starts from) to
+        the new stage's method."""
+        if "method" not in best:
+            self.logger.log(f"{self.run_dir / BEST} holds no method state (an older version wrote it): "
+                            f"the {stage.name} stage's method starts afresh")
+            return
+        stage.method.start_from_previous_stage(best["method"])
+
     def restore_stage(self, stage: Stage, state: dict) -> None:
         stage.optimizer.load_state_dict(state["optimizer"])
         self.labels.load_state_dict(state["labels"])
@@ -448,11 +457,14 @@ class Trainer:
                 resumed_here = saved is not None and saved["stage"] == name and last_epoch >= first
                 if last_epoch >= first + epochs - 1 or (resumed_here and saved["early_stopping"]["stopped"]):
                     continue  # finished, or stopped early, before the resume
+                best = None
                 if first > 1 and last_epoch < first:
                     best = self.saver.load_best()
                     self.model.load_state_dict(best["model"])
                     logger.log(f"{name} stage starts from the best epoch so far (epoch {best['epoch']})")
                 stage = self.build_stage(name, epochs, first)
+                if best is not None:
+                    self.carry_method_state(stage, best)
                 if resumed_here:
                     self.restore_stage(stage, saved)
                 for epoch in range(max(first, last_epoch + 1), first + epochs):
@@ -483,7 +495,7 @@ class Trainer:
         self.dist.broadcast_buffers(self.model)
         val = evaluate("val", epoch, stage.net, stage.loaders["val"], self.device, logger, config["amp"], self.dist)
         val_map = val["clean" if config["val_labels"] == "clean" else "observed"]["map"]
-        new_best = self.saver.update_best(epoch, val_map, self.model, config)
+        new_best = self.saver.update_best(epoch, val_map, self.model, config, stage.method.state_dict)
         if new_best or config["test_every_epoch"]:
             test = evaluate("test", epoch, stage.net, stage.loaders["test"], self.device, logger, config["amp"],
                             self.dist)

@@ -141,6 +141,11 @@ class Method:
         """After each epoch's val and test phases; ``train_predictions()`` gives N x K
         probabilities of the train split in eval mode (only if ``uses_train_predictions``)."""
 
+    def start_from_previous_stage(self, state: dict) -> None:
+        """At the start of a later training stage (``linear_init``'s fine-tuning), after
+        construction: ``state`` is ``state_dict()`` at the best epoch so far, whose weights the
+        stage starts from. By default the stage's method starts afresh."""
+
     def state_dict(self) -> dict:
         return {}
 

@@ -93,8 +93,10 @@ class ROLE(Method):
     training image, ``inputs.index``), their sigmoid the estimates, trained jointly with the
     classifier through ``losses.role_loss`` at ``ROLE_LR_MULT`` times the stage's learning rate.
 
-    The estimates are the method's state (checkpoints, ``--resume``). Each training stage starts
-    them afresh, from the stage's observed labels and a generator seeded with the run's seed."""
+    The estimates are the method's state (checkpoints, ``--resume``). The first training stage
+    draws them from the observed labels and a generator seeded with the run's seed; a later stage
+    (``linear_init``'s fine-tuning) starts from the estimates of the best epoch so far, as Cole et
+    al.'s code hands them on."""
     name = "role"
     description = "ROLE: jointly learned label estimates with the expected-positive regulariser (Cole et al. 2021)"
     hyperparameters = (EXPECTED_POSITIVES,)
@@ -123,6 +125,12 @@ class ROLE(Method):
 
     def parameter_groups(self):
         return [([self.label_logits], ROLE_LR_MULT)]
+
+    def start_from_previous_stage(self, state):
+        # Cole et al. hand the estimates on as probabilities and take their logit again, clipped to
+        # [1e-5, 1 - 1e-5] (their inverse_sigmoid), in float32.
+        estimates = torch.sigmoid(state["label_logits"].float()).clamp(1e-5, 1 - 1e-5)
+        self.load_state_dict({"label_logits": torch.log(estimates / (1 - estimates))})
 
     def state_dict(self):
         return {"label_logits": self.label_logits.detach().cpu().clone()}

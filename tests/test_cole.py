@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 import losses
 import main_clip
 import methods
-from conftest import demo_args
+from conftest import demo_args, run_once_and_resumed
 from labels import LabelState
 from methods.cole import ROLE, initial_label_logits
 
@@ -304,6 +305,75 @@ def test_role_estimates_survive_resume_exactly(demo_root, tmp_path):
     assert states[0]["epoch"] == states[1]["epoch"] == 2
     assert torch.equal(states[0]["method"]["label_logits"], states[1]["method"]["label_logits"])
     assert not torch.equal(states[1]["method"]["label_logits"], after_one)  # the second epoch moved them
+
+
+def their_handover(label_logits: torch.Tensor) -> np.ndarray:
+    """Cole et al.'s hand-over between stages, as the estimates it hands on: the probabilities
+    (get_estimated_labels) clipped to [1e-5, 1 - 1e-5] (inverse_sigmoid, before its logit)."""
+    estimates = 1.0 / (1.0 + np.exp(-label_logits.double().numpy()))
+    return np.maximum(np.minimum(estimates, 1 - 1e-5), 1e-5)
+
+
+def estimates_of(label_logits: torch.Tensor) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-label_logits.double().numpy()))
+
+
+def test_role_later_stage_starts_from_the_handed_on_estimates_as_their_code_does():
+    generator = torch.Generator().manual_seed(3)
+    observed = torch.zeros(40, 6)
+    observed[torch.arange(40), torch.randint(0, 6, (40,), generator=generator)] = 1
+    labels = LabelState(observed, observed, None)
+    handed = 12 * torch.randn(40, 6, generator=generator)   # some far past the clip at logit(1 - 1e-5)
+    role = ROLE(SimpleNamespace(expected_num_pos=1.5), labels, 5, seed=1)
+    fresh = role.label_logits.detach().clone()
+    role.start_from_previous_stage({"label_logits": handed})
+    started = role.label_logits.detach()
+    # Equal up to float32 rounding of the probabilities (their get_estimated_labels is float32 too).
+    assert np.allclose(estimates_of(started), their_handover(handed), rtol=0, atol=2e-7)
+    clipped = handed.abs() > 12
+    assert clipped.any() and np.allclose(estimates_of(started)[clipped.numpy()],
+                                         np.where(handed[clipped].numpy() > 0, 1 - 1e-5, 1e-5), rtol=0, atol=2e-7)
+    assert not torch.equal(started, fresh)
+    loss = role.loss(SimpleNamespace(preds=torch.rand(4, 6), index=torch.arange(4), observed=observed[:4]), 1)
+    loss.backward()
+    assert role.label_logits.grad is not None and role.label_logits.grad[:4].abs().sum() > 0
+
+
+def test_role_fine_tuning_starts_from_the_head_stage_best_estimates(demo_root, tmp_path, monkeypatch):
+    """linear_init: the fine-tuning stage's estimates are the head stage's at its best val epoch,
+    handed on as Cole et al. hand them on; a run resumed between the stages does the same."""
+    flags = ("-l", "role", "--train-mode", "linear_init", "--head-epochs", "3", "--epochs", "1",
+             "--head-lr", "1e-2")
+    after_epoch, handed = {}, []
+    save_last, start = engine.Trainer.save_last, ROLE.start_from_previous_stage
+
+    def record(trainer, epoch, stage):
+        save_last(trainer, epoch, stage)
+        if stage is not None:
+            after_epoch[epoch] = stage.method.state_dict()["label_logits"]
+
+    def spy(method, state):
+        start(method, state)
+        handed.append((state["label_logits"].clone(), method.label_logits.detach().cpu().clone()))
+    monkeypatch.setattr(engine.Trainer, "save_last", record)
+    monkeypatch.setattr(ROLE, "start_from_previous_stage", spy)
+    main_clip.main(demo_args(demo_root, tmp_path, *flags, "--run-name", "li"))
+    records = [json.loads(line) for line in (tmp_path / "li" / "metrics.jsonl").read_text().splitlines()]
+    head_val = [r["clean"]["map"] for r in records if r["phase"] == "val" and r["epoch"] <= 3]
+    best = 1 + int(np.argmax(head_val))      # the first of equal maxima, as best.pt keeps it
+    (received, started), = handed
+    assert torch.equal(received, after_epoch[best])
+    assert np.allclose(estimates_of(started), their_handover(after_epoch[best]), rtol=0, atol=2e-7)
+    assert best < 3, f"head-stage val mAP {head_val}: this check needs a best epoch before the last"
+
+
+def test_role_resumed_between_the_stages_equals_the_run_in_one_go(demo_root, tmp_path, monkeypatch):
+    flags = ("-l", "role", "--train-mode", "linear_init", "--head-epochs", "1", "--epochs", "1", "--head-lr", "1e-2")
+    once, resumed = run_once_and_resumed(demo_root, tmp_path, monkeypatch, *flags)
+    assert resumed == once
+    states = [load(tmp_path / name / "last.pt") for name in ("once", "split")]
+    assert states[0]["stage"] == "end_to_end"
+    assert torch.equal(states[0]["method"]["label_logits"], states[1]["method"]["label_logits"])
 
 
 # -- defaults --------------------------------------------------------------------------------------
