@@ -227,6 +227,12 @@ def stage_schedule(config: dict) -> list[tuple[str, int, int]]:
     return schedule
 
 
+def head_batch_size(config: dict) -> int:
+    """The global batch of head-only epochs: --head-bsize, or --bsize where it is not set (older
+    run folders record no head batch)."""
+    return config.get("head_bsize") or config["bsize"]
+
+
 def total_epochs(config: dict) -> int:
     return sum(epochs for _, epochs, _ in stage_schedule(config))
 
@@ -252,6 +258,7 @@ class Stage:
     generator: torch.Generator     # reseeded every epoch: shuffle order and flips
     loaders: dict                  # "train", "val", "test" and, for methods that ask, "train_eval"
     method: methods.Method
+    batch_size: int                # the global training batch (--bsize; head stages: --head-bsize)
     stopping: EarlyStopping = field(default_factory=EarlyStopping)
 
     def epoch_in_stage(self, epoch: int) -> int:
@@ -359,6 +366,7 @@ class Trainer:
                           for phase, split in splits.items()}
             phase_sets["train_eval"] = phase_sets["train"]
             net, eval_batch = self.model.head, max(config["bsize"], 1024)
+            batch_size = head_batch_size(config)
             groups = [{"params": list(net.parameters()), "lr": config["head_lr"]}]
         else:
             teacher_view = self.pseudo_labels.teacher_view() if self.pseudo_labels is not None else None
@@ -374,6 +382,7 @@ class Trainer:
             if self.method_class.uses_train_predictions:
                 phase_sets["train_eval"] = image_set(bench.train, False)
             net, eval_batch = self.model, config["bsize"]
+            batch_size = config["bsize"]
             groups = [{"params": list(self.model.backbone.parameters()), "lr": config["lr"]},
                       {"params": list(self.model.head.parameters()), "lr": config["lr"] * config["head_lr_mult"]}]
         self.labels.restart()
@@ -389,14 +398,14 @@ class Trainer:
         train_sampler = datasets.AugmentationSampler(
             len(phase_sets["train"]), generator, rank=dist.rank, world_size=dist.world_size,
             num_view_flips=self.pseudo_labels.num_view_flips if self.pseudo_labels is not None else 0)
-        loaders["train"] = make_loader(phase_sets["train"], config["bsize"] // dist.world_size, config["num_workers"],
+        loaders["train"] = make_loader(phase_sets["train"], batch_size // dist.world_size, config["num_workers"],
                                        sampler=train_sampler)
         optimizer = OPTIMIZERS[config["optimizer"]](groups, config["weight_decay"])
         train_net = net
         if dist.enabled:
             train_net = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return Stage(name, epochs, first_epoch, net, train_net, optimizer, generator, loaders, method,
+        return Stage(name, epochs, first_epoch, net, train_net, optimizer, generator, loaders, method, batch_size,
                      EarlyStopping(config["patience"], config["max_drop"]))
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -550,7 +559,7 @@ class Trainer:
                            bar) -> tuple[torch.Tensor, torch.Tensor, float, int]:
         """``train_batches`` for the head on cached features: the epoch's rows in the sampler's
         order, straight from memory, through ``train_head_epoch``."""
-        loader, batch_size = stage.loaders["train"], self.config["bsize"]
+        loader, batch_size = stage.loaders["train"], stage.batch_size
         order = loader.order()
         preds, row_losses = train_head_epoch(stage.net, stage.optimizer, loader.dataset.features[order].to(self.device),
                                              losses.coefficient_rows(coefficients, order.to(self.device)),

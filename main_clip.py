@@ -106,6 +106,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--head-epochs", type=int, default=25, help="linear_init: head-only epochs before fine-tuning (Cole et al.: 25)")
     g.add_argument("--head-lr", type=float, default=None,
                    help="learning rate of head-only epochs (frozen-feature modes; per method, VLPL: 1e-4)")
+    g.add_argument("--head-bsize", type=int, default=None,
+                   help="global batch of head-only epochs (frozen-feature modes; per method, else --bsize)")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                    help="mixed precision for forward passes (fp16 with a gradient scaler, CUDA only)")
     g.add_argument("--deterministic", action="store_true",
@@ -232,6 +234,8 @@ def _check_values(config: dict) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise RunError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
     positive = ["epochs", "bsize", "lr", "temp", "image_size", "head_epochs", "head_lr", "head_lr_mult"]
+    if config["head_bsize"] is not None:
+        positive.append("head_bsize")
     for key in positive:
         if not config[key] > 0:
             raise RunError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
@@ -393,9 +397,10 @@ def setup(config: dict, dist: Distributed = Distributed()) -> engine.Setup:
                                    clip_weights=config["clip_weights"], need_teacher=needs_teacher,
                                    tiny=config["tiny_models"], teacher=config["teacher"])
     device = select_device(config["gpu"], dist)
-    if config["bsize"] % dist.world_size:
-        raise RunError(f"--bsize {config['bsize']} is the global batch: it must be a multiple of the "
-                       f"{dist.world_size} processes")
+    for flag, batch in (("--bsize", config["bsize"]), ("--head-bsize", config["head_bsize"])):
+        if batch is not None and batch % dist.world_size:
+            raise RunError(f"{flag} {batch} is the global batch: it must be a multiple of the "
+                           f"{dist.world_size} processes")
     if config["amp"] == "fp16" and device.type != "cuda":
         raise RunError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp none")
     benchmark = datasets.load_benchmark(

@@ -52,6 +52,7 @@ class Hyperparameter:
 
 # The protocol every method has; a method's table overrides entries per dataset.
 PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", weight_decay=0.0, head_lr_mult=1.0, head_lr=1e-4,
+                         head_bsize=None,  # None: head-only epochs use --bsize
                          patience=0, max_drop=0.0, teacher=models.DEFAULT_TEACHER)
 
 # VLPL's settings (DESIGN section 5), shared by the methods of its results table.

@@ -9,9 +9,10 @@ features; linear_init: 25 + 10), the best epoch by val mAP without early stoppin
 estimates at 10x the learning rate (``lr_mult``), label smoothing 0.1 and the expected positives
 per image of ``EXPECTED_NUM_POS``. The end-to-end learning rate and batch size are the best of a
 search (batch 8 or 16, lr 1e-2 to 1e-5) that the code does not record per loss: the defaults
-here are this code base's (``VLPL_DATASET_DEFAULTS``). Their head-only stage of linear_init
-(an_ls: lr 1e-4, batch 8, NUS-WIDE 16; role: lr 1e-3, batch 16, CUB 8) is ``--head-lr`` and
-``--bsize`` on the command line (README).
+here are this code base's (``VLPL_DATASET_DEFAULTS``). Their head-only epochs (linear_init's
+first stage) run at the best learning rate and batch of a linear_fixed_features search, which
+their code records for an_ls and ROLE (``HEAD_STAGE``): the defaults of ``--head-lr`` and
+``--head-bsize`` here, in both frozen-feature modes.
 """
 from __future__ import annotations
 
@@ -32,6 +33,19 @@ ROLE_LR_MULT = 10.0
 COLE_DATASET_DEFAULTS = {dataset: dict(lr=VLPL_DATASET_DEFAULTS[dataset]["lr"], expected_num_pos=expected)
                          for dataset, expected in EXPECTED_NUM_POS.items()}
 
+# (learning rate, batch) of head-only epochs per dataset: their train.py's linear_init_params.
+HEAD_STAGE = {
+    "an_ls": {"pascal": (1e-4, 8), "coco": (1e-4, 8), "nuswide": (1e-4, 16), "cub": (1e-4, 8)},
+    "role": {"pascal": (1e-3, 16), "coco": (1e-3, 16), "nuswide": (1e-3, 16), "cub": (1e-3, 8)},
+}
+
+
+def with_head_stage(method_name: str) -> dict:
+    """``COLE_DATASET_DEFAULTS`` with the method's head-only learning rate and batch."""
+    return {dataset: dict(values, head_lr=HEAD_STAGE[method_name][dataset][0],
+                          head_bsize=HEAD_STAGE[method_name][dataset][1])
+            for dataset, values in COLE_DATASET_DEFAULTS.items()}
+
 EXPECTED_POSITIVES = Hyperparameter(
     "expected_num_pos", float, "epr, role, GR: expected positive labels per image, the expected-positive "
     "regulariser's target (default per dataset, Cole et al.'s: VOC 1.5, COCO 2.9, NUS-WIDE 1.9, CUB 31.4)",
@@ -43,7 +57,7 @@ class AssumeNegativeLabelSmoothing(CoefficientMethod):
     description = "assume negative with label smoothing (Cole et al. 2021)"
     hyperparameters = (Hyperparameter("ls_coef", float, "an_ls label smoothing coefficient", default=0.1,
                                       minimum=0.0, maximum=1.0),)
-    dataset_defaults = COLE_DATASET_DEFAULTS
+    dataset_defaults = with_head_stage(name)
 
     def label_coefficients(self, observed, pseudo, clean, epoch):
         return losses.an_ls_coefficients(observed, self.hp.ls_coef)
@@ -100,9 +114,7 @@ class ROLE(Method):
     name = "role"
     description = "ROLE: jointly learned label estimates with the expected-positive regulariser (Cole et al. 2021)"
     hyperparameters = (EXPECTED_POSITIVES,)
-    # Their linear_init protocol for ROLE trains the head stage at 1e-3 (with batch 16, CUB 8; one
-    # --bsize serves both stages here, so the batch stays the code base's default).
-    dataset_defaults = {dataset: dict(values, head_lr=1e-3) for dataset, values in COLE_DATASET_DEFAULTS.items()}
+    dataset_defaults = with_head_stage(name)
     runs_distributed = False
 
     def __init__(self, hp, labels, stage_epochs, seed: int = 0):

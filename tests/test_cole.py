@@ -390,6 +390,10 @@ def test_per_dataset_defaults_resolve(dataset, expected_num_pos, lr):
                                 max_drop=0.0, lr=lr)
         assert config.get("expected_num_pos") == (expected_num_pos if name in ("epr", "role") else None)
         assert config.get("ls_coef") == (0.1 if name == "an_ls" else None)
+        # Head-only epochs: their linear_init_params for an_ls and ROLE; the others use --bsize.
+        their_head = {"an_ls": (1e-4, 16 if dataset == "nuswide" else 8),
+                      "role": (1e-3, 8 if dataset == "cub" else 16)}.get(name, (1e-4, None))
+        assert (config["head_lr"], config["head_bsize"]) == their_head
     config = main_clip.resolve_config(parser.parse_args(["-l", "role", "-d", dataset, "--expected-num-pos", "4"]))
     assert config["expected_num_pos"] == 4.0
 

@@ -11,6 +11,7 @@ import datasets
 import engine
 import losses
 import main_clip
+import methods
 import models
 from conftest import demo_args
 
@@ -250,3 +251,30 @@ def test_head_path_names_the_first_non_finite_batch(demo_root, tmp_path):
     expected_batch = int((order == bad_row).nonzero()) // run.config["bsize"] + 1
     with pytest.raises(main_clip.RunError, match=f"non-finite loss \\(nan\\) at epoch 1, batch {expected_batch};"):
         run.run_epoch(epoch, stage)
+
+
+def batch_sizes(total: int, batch: int) -> list[int]:
+    return [min(batch, total - start) for start in range(0, total, batch)]
+
+
+def test_head_epochs_train_at_the_head_batch(demo_root, tmp_path, monkeypatch):
+    """--head-bsize sets the head-only epochs' batch, on the written-out path (an) and through
+    autograd (ROLE, whose defaults are Cole et al.'s head batch); --bsize the fine-tuning batch."""
+    head_steps, losses_seen = [], []
+    head_step = engine.head_train_step
+    monkeypatch.setattr(engine, "head_train_step", lambda head, optimizer, features, *rest: (
+        head_steps.append(len(features)), head_step(head, optimizer, features, *rest))[1])
+    common = ("--train-mode", "linear_init", "--head-epochs", "1", "--epochs", "1", "--head-lr", "1e-2")
+    main_clip.main(args_for(demo_root, tmp_path, *common, "--head-bsize", "48", "--bsize", "16", "--run-name", "an"))
+    num_train = len(torch.load(tmp_path / "an" / "last.pt", weights_only=True)["labels"]["observed"])
+    assert head_steps == batch_sizes(num_train, 48)
+    assert json.loads((tmp_path / "an" / "config.json").read_text())["head_bsize"] == 48
+
+    role_loss = methods.get_method("role").loss
+    monkeypatch.setattr(methods.get_method("role"), "loss",
+                        lambda self, inputs, epoch: (losses_seen.append(len(inputs.preds)),
+                                                     role_loss(self, inputs, epoch))[1])
+    main_clip.main(demo_args(demo_root, tmp_path, "-l", "role", *common, "--bsize", "8", "--run-name", "role"))
+    config = json.loads((tmp_path / "role" / "config.json").read_text())
+    assert (config["head_bsize"], config["bsize"]) == (16, 8)   # their pascal head batch; the flag's batch
+    assert losses_seen == batch_sizes(num_train, 16) + batch_sizes(num_train, 8)
