@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import instrumentation
+import main_clip
 import metrics
+import rundir
 from instrumentation import RunLogger
 
 REPO = Path(__file__).resolve().parent.parent
@@ -255,13 +257,16 @@ def test_summarize_single_run_dir_and_cli(tmp_path):
 
 
 def test_runs_from_before_a_setting_and_kernel_choices_share_a_seed_group(tmp_path):
-    """A config.json without "teacher" ran the default teacher; --deterministic chooses kernels."""
+    """A config.json without "teacher" ran the default teacher, one without "head" the linear head;
+    --deterministic chooses kernels."""
     results = tmp_path / "results"
     make_run(results, "old_s0", seed=0)
-    make_run(results, "new_s1", seed=1, teacher="ViT-L-14-336", deterministic=True)
-    make_run(results, "new_s8", seed=8, teacher="ViT-L-14-336", deterministic=False)
+    make_run(results, "new_s1", seed=1, teacher="ViT-L-14-336", deterministic=True, head="linear")
+    make_run(results, "new_s8", seed=8, teacher="ViT-L-14-336", deterministic=False, head="linear")
     make_run(results, "other_s0", seed=0, teacher="ViT-B-16")
     make_run(results, "other_s1", seed=1, teacher="ViT-B-16")
+    make_run(results, "cam_s0", seed=0, head="boostlu")
     groups = instrumentation.seed_groups(instrumentation.read_runs([results]))
     assert sorted(sorted(row["run"] for row in group) for group in groups.values()) == [
-        ["new_s1", "new_s8", "old_s0"], ["other_s0", "other_s1"]]
+        ["cam_s0"], ["new_s1", "new_s8", "old_s0"], ["other_s0", "other_s1"]]
+    assert main_clip.get_args_parser().get_default("head") == rundir.ADDED_SETTINGS["head"]
