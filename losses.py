@@ -284,7 +284,7 @@ LARGE_LOSS_SCHEMES = ("LL-R", "LL-Ct", "LL-Cp")
 
 
 def large_loss(logits: Tensor, observed: Tensor, *, scheme: str, clean_rate: float,
-               delta_rel: float) -> tuple[Tensor, Tensor | None]:
+               delta_rel: float, permanent_ties: bool = False) -> tuple[Tensor, Tensor | None]:
     """Large-loss rejection (LL-R) or correction (LL-Ct, LL-Cp) of assume-negative BCE, as the
     authors' ``compute_batch_loss`` (snucml/LargeLossMatters, losses.py) chooses the entries.
 
@@ -300,7 +300,9 @@ def large_loss(logits: Tensor, observed: Tensor, *, scheme: str, clean_rate: flo
 
     Returns (mean of the B x K matrix, ``corrected``): the B x K mask u > v (strict: without
     v's own entry and its ties) of the authors' ``correction_idx``, whose observed labels LL-Cp
-    sets to 1 permanently; it is computed with this scheme's k.
+    sets to 1 permanently; it is computed with this scheme's k. With ``permanent_ties`` it is
+    u >= v, the modified entries themselves, as BoostLU's code (youngwk/BridgeGapExplanationPAMC,
+    losses.py) takes its ``correction_idx``.
     """
     if scheme not in LARGE_LOSS_SCHEMES:
         raise ValueError(f"unknown large-loss scheme {scheme!r}; choose one of: {', '.join(LARGE_LOSS_SCHEMES)}")
@@ -322,7 +324,7 @@ def large_loss(logits: Tensor, observed: Tensor, *, scheme: str, clean_rate: flo
         replacement = functional.binary_cross_entropy_with_logits(logits, torch.logical_not(target).to(logits.dtype),
                                                                   reduction="none")
     final = torch.where(modified, replacement, loss_matrix)
-    return final.mean(), unobserved_loss > threshold
+    return final.mean(), modified if permanent_ties else unobserved_loss > threshold
 
 
 # -- Cole et al. 2021 ("Multi-Label Learning from Single Positive Labels"; elijahcole/single-positive-

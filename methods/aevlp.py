@@ -11,16 +11,9 @@ from types import SimpleNamespace
 
 import damp
 import losses
-from methods.base import Hyperparameter
+from methods.base import Hyperparameter, on_off
 from methods.cole import EXPECTED_POSITIVES
 from methods.gr import AEVLP_CONFIGS, K_SCHEDULE, Q2, Q3, REG, V_SCHEDULE, GR
-
-
-def on_off(text: str) -> bool:
-    """An argparse type for a switch written as on / off."""
-    if text not in ("on", "off"):
-        raise ValueError(f"expected on or off, got {text!r}")
-    return text == "on"
 
 
 LAM1 = Hyperparameter("lam1", float, "AEVLP: a positive pseudo-label's weight 1 - V' uses V' = min(max(V, 1 - lam1), "

@@ -50,6 +50,13 @@ class Hyperparameter:
             raise ValueError(f"{self.flag} must be <= {self.maximum}, got {value}")
 
 
+def on_off(text: str) -> bool:
+    """An argparse type for a switch written as on / off."""
+    if text not in ("on", "off"):
+        raise ValueError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
 # The protocol every method has; a method's table overrides entries per dataset.
 PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", weight_decay=0.0, head_lr_mult=1.0, head_lr=1e-4,
                          head_bsize=None,  # None: head-only epochs use --bsize

@@ -12,13 +12,17 @@ from __future__ import annotations
 import torch
 
 import losses
-from methods.base import Hyperparameter, Method
+from methods.base import Hyperparameter, Method, on_off
 
 DELTA_REL = Hyperparameter(
     "delta_rel", float, "LL-R, LL-Ct: the clean rate's drop after each epoch; LL-Cp: the share of each batch's "
     "entries corrected per step from epoch 2; a fraction of the batch's B x K entries (the authors' --delta_rel is "
     "in percent, divided by 100 in their code: their 0.2 is 0.002 here) (default per method and dataset)",
     minimum=0.0, maximum=1.0)
+PERMANENT_TIES = Hyperparameter(
+    "permanent_ties", on_off, "LL-Cp: on: every corrected entry becomes a permanent positive, the k-th largest loss "
+    "and its ties included (BoostLU's code, youngwk/BridgeGapExplanationPAMC); off: only those strictly above the "
+    "k-th largest (LargeLossMatters' code)", default=False)
 
 # Kim et al.'s protocol: batch 16, the head's learning rate 10x the backbone's, 10 epochs, stop when
 # val mAP falls more than 3 points below the best; SGD (momentum 0.9, weight decay 1e-3) on VOC,
@@ -64,7 +68,8 @@ class LargeLoss(Method):
     def loss(self, inputs, epoch):
         loss, corrected = losses.large_loss(inputs.logits, inputs.observed, scheme=self.scheme,
                                             clean_rate=clean_rate(epoch, self.hp.delta_rel),
-                                            delta_rel=self.hp.delta_rel)
+                                            delta_rel=self.hp.delta_rel,
+                                            permanent_ties=self.permanent and self.hp.permanent_ties)
         if self.permanent and corrected is not None:
             rows, cols = corrected.nonzero(as_tuple=True)
             if len(rows):
@@ -91,3 +96,4 @@ class LargeLossCorrectPermanent(LargeLoss):
     description = "large loss correction (permanent): the largest unobserved losses become observed positives"
     dataset_defaults = defaults_of("LL-Cp")
     permanent = True
+    hyperparameters = (DELTA_REL, PERMANENT_TIES)

@@ -3,6 +3,8 @@ backbone's feature map, it trains with any method, and it is refused where there
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +64,23 @@ def test_boostlu_without_a_feature_map_is_one_line(demo_root, tmp_path, capsys, 
     assert code == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "out").exists()
 
+
+
+def test_the_readme_commands_run_boostlus_protocol():
+    """BoostLU's code (youngwk/BridgeGapExplanationPAMC): Adam without weight decay, lr 1e-5, the 1x1
+    convolution at 10x, batch 16, 10 epochs, no early stop, delta_rel 0.5 / 0.2 / 0.1 percent."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `--head boostlu`"))
+    command = re.search(r"`python main_clip\.py (-d <dataset> -l LL-R [^`]*)`", row).group(1)
+    extra = dict(re.findall(r"(LL-C[tp]): `([^`]*)`", row))
+    parser = main_clip.get_args_parser()
+    for dataset in ("pascal", "coco", "nuswide", "cub"):
+        for scheme, delta in (("LL-R", 0.005), ("LL-Ct", 0.002), ("LL-Cp", 0.001)):
+            argv = command.replace("<dataset>", dataset).replace("LL-R", scheme).split() + \
+                extra.get(scheme, "").split() + ["--tiny-models"]
+            config = main_clip.resolve_config(parser.parse_args(argv))
+            assert {key: config[key] for key in ("head", "optimizer", "weight_decay", "lr", "head_lr_mult", "bsize",
+                                                 "epochs", "max_drop", "patience", "delta_rel")} == dict(
+                head="boostlu", optimizer="adam", weight_decay=0.0, lr=1e-5, head_lr_mult=10.0, bsize=16, epochs=10,
+                max_drop=0.0, patience=0, delta_rel=delta)
+            assert config.get("permanent_ties") is (True if scheme == "LL-Cp" else None)

@@ -91,6 +91,23 @@ def test_large_loss_equals_the_plain_rule_values_gradients_and_corrections(schem
         assert not corrected[observed != 0].any()
 
 
+@pytest.mark.parametrize("seed,tied,rate,delta", [case for case in CASES if case[2] != 1])
+def test_ll_cp_with_permanent_ties_makes_every_modified_entry_permanent(seed, tied, rate, delta):
+    """--permanent-ties on: BoostLU's correction_idx, every entry whose masked loss is not below the
+    k-th largest (ties and a zero threshold included); the loss is the same as without it."""
+    logits, observed = random_batch(seed, tied=tied)
+    loss, corrected = losses.large_loss(logits, observed, scheme="LL-Cp", clean_rate=rate, delta_rel=delta,
+                                        permanent_ties=True)
+    reference, strict = reference_large_loss(logits, observed, "LL-Cp", rate, delta)
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-14)
+    k = min(math.ceil(logits.numel() * delta), logits.numel())
+    masked = [float(bce(logits[i, j], max(float(observed[i, j]), 0.0))) if observed[i, j] == 0 else 0.0
+              for i in range(logits.shape[0]) for j in range(logits.shape[1])]
+    v = sorted(masked, reverse=True)[k - 1]
+    assert corrected.flatten().tolist() == [m >= v for m in masked] and int(corrected.sum()) >= k
+    assert strict.flatten().tolist() == [m > v for m in masked]   # off: LargeLossMatters' rule
+
+
 def test_the_cases_reach_ties_the_zero_threshold_and_the_cap():
     """The random cases above cover what the rule is particular about: ties at the k-th loss (more
     than k entries modified), a k-th loss of 0 (every entry modified, observed positives too) and
@@ -135,6 +152,10 @@ def test_the_authors_comparisons_on_a_small_batch():
     loss, corrected = losses.large_loss(logits, observed, scheme="LL-Cp", clean_rate=0.6, delta_rel=0.1)
     torch.testing.assert_close(loss, (plain[0] + plain[2] + plain[3] + plain[4] + against_one[0]) / 5)
     assert not corrected.any()
+    # BoostLU's code: the one entry at the k-th largest loss is corrected for good.
+    _, corrected = losses.large_loss(logits, observed, scheme="LL-Cp", clean_rate=0.6, delta_rel=0.1,
+                                     permanent_ties=True)
+    assert corrected.tolist() == [[False, True, False, False, False]]
     with pytest.raises(ValueError, match="unknown large-loss scheme"):
         losses.large_loss(logits, observed, scheme="LL-X", clean_rate=0.6, delta_rel=0.1)
 
@@ -156,7 +177,8 @@ def test_methods_use_the_loss_and_only_ll_cp_writes_its_corrections(scheme):
     all_observed = torch.zeros(10, 6, dtype=torch.float64)
     all_observed[index] = observed
     labels = LabelState(all_observed, torch.ones(10, 6))
-    method = methods.REGISTRY[scheme].from_config({"delta_rel": 0.2}, labels, stage_epochs=10)
+    method = methods.REGISTRY[scheme].from_config({"delta_rel": 0.2, "permanent_ties": False}, labels,
+                                                  stage_epochs=10)
     assert method.label_coefficients(labels.observed, None, labels.clean, 2) is None  # no head-only fast path
     inputs = methods.LossInputs(logits, torch.sigmoid(logits), index, observed, None, torch.ones_like(observed))
     first = method.loss(inputs, 1)
@@ -177,8 +199,20 @@ def test_methods_use_the_loss_and_only_ll_cp_writes_its_corrections(scheme):
 def test_delta_rel_is_one_flag_shared_by_the_three_methods():
     hyperparameter, users = methods.all_hyperparameters()["delta_rel"]
     assert hyperparameter is DELTA_REL and users == list(SCHEMES)
-    assert all(methods.REGISTRY[name].hyperparameters == (DELTA_REL,) for name in SCHEMES)
+    assert all(methods.REGISTRY[name].hyperparameters[0] is DELTA_REL for name in SCHEMES)
     assert "percent" in DELTA_REL.help and "fraction" in DELTA_REL.help
+
+
+def test_permanent_ties_is_ll_cps_switch_off_by_default():
+    parser = main_clip.get_args_parser()
+    assert methods.all_hyperparameters()["permanent_ties"][1] == ["LL-Cp"]
+    assert main_clip.resolve_config(parser.parse_args(["-l", "LL-Cp", "--tiny-models"]))["permanent_ties"] is False
+    config = main_clip.resolve_config(parser.parse_args(["-l", "LL-Cp", "--tiny-models", "--permanent-ties", "on"]))
+    assert config["permanent_ties"] is True
+    with pytest.raises(main_clip.RunError, match="--permanent-ties is a setting of LL-Cp, not of -l LL-Ct"):
+        main_clip.resolve_config(parser.parse_args(["-l", "LL-Ct", "--permanent-ties", "on"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["-l", "LL-Cp", "--permanent-ties", "yes"])
 
 
 # Kim et al.'s protocol (snucml/LargeLossMatters config.py, train.py and issue #4); delta_rel is
