@@ -38,6 +38,12 @@ class Distributed:
             for buffer in module.buffers():
                 torch.distributed.broadcast(buffer, src=0)
 
+    def sync_batchnorm(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` with every BatchNorm layer computing its training statistics over the
+        global batch (torch.nn.SyncBatchNorm, CUDA only), as one process over the whole batch
+        does; the same parameters and state_dict keys. Without torchrun, ``module`` itself."""
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module) if self.enabled else module
+
     def sum(self, values: list[float]) -> list[float]:
         """Elementwise sum over ranks."""
         if not self.enabled:

@@ -299,6 +299,8 @@ class Trainer:
             model = models.build_model(config["model"], self.num_classes, backbone_weights=config["backbone_weights"],
                                        clip_model=clip_model, tiny=config["tiny_models"], head=config["head"])
         self.model = model.to(self.device)
+        if config["sync_bn"]:
+            self.model = self.dist.sync_batchnorm(self.model)
         if self.backbone.convolutional:
             # channels_last: the faster layout for convolutions, with cuDNN and with oneDNN on CPUs
             # (1.26x per ResNet-50 training step on a 2-core CPU, bench/channels_last.py).

@@ -110,6 +110,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="global batch of head-only epochs (frozen-feature modes; per method, else --bsize)")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                    help="mixed precision for forward passes (fp16 with a gradient scaler, CUDA only)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm), as "
+                        "one process computes them; without it each process normalises over its own share")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace :4096:8): on "
                         "CUDA a resumed run then repeats the uninterrupted one exactly; slower")
@@ -401,6 +404,9 @@ def setup(config: dict, dist: Distributed = Distributed()) -> engine.Setup:
         if batch is not None and batch % dist.world_size:
             raise RunError(f"{flag} {batch} is the global batch: it must be a multiple of the "
                            f"{dist.world_size} processes")
+    if config["sync_bn"] and dist.enabled and device.type != "cuda":
+        raise RunError("--sync-bn synchronises BatchNorm across CUDA devices (torch's SyncBatchNorm); under torchrun "
+                       "on CPUs leave it out")
     if config["amp"] == "fp16" and device.type != "cuda":
         raise RunError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp none")
     benchmark = datasets.load_benchmark(

@@ -18,7 +18,8 @@ LAST = "last.pt"
 RUN_FILES = frozenset({"config.json", "log.txt", "metrics.jsonl", "summary.json", LAST, "best.pt"})
 # Settings newer than some run folders' config.json, with the value the runs that lack them used
 # (a resume fills them in; the summariser groups such runs with those that record the value).
-ADDED_SETTINGS = {"teacher": "ViT-L-14-336", "deterministic": False, "head_bsize": None, "head": "linear"}
+ADDED_SETTINGS = {"teacher": "ViT-L-14-336", "deterministic": False, "head_bsize": None, "head": "linear",
+                  "sync_bn": False}
 
 
 def run_dir_for(output_dir: str | os.PathLike, run_name: str) -> Path:

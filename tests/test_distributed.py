@@ -95,3 +95,30 @@ def test_aevlp_pseudo_labels_of_every_row_reach_every_rank(demo_root, tmp_path):
     assert kept[0].sum() > 0 and torch.equal(kept[0], kept[1])
     reports = [json.loads((tmp_path / name / "summary.json").read_text())["pseudo_labels"] for name in ("one", "two")]
     assert reports[0] == reports[1]
+
+
+def test_sync_bn_converts_every_batchnorm_and_keeps_the_checkpoint_layout():
+    model = models.build_model("resnet50", 20, tiny=True)
+    assert Distributed().sync_batchnorm(model) is model   # one process: nothing to synchronise
+    plain = {name: value.clone() for name, value in model.state_dict().items()}
+    batchnorms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    synced = Distributed(rank=0, world_size=2).sync_batchnorm(model)
+    assert batchnorms > 0 and sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == batchnorms
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+    state = synced.state_dict()
+    assert state.keys() == plain.keys() and all(torch.equal(state[k], plain[k]) for k in plain)
+    fresh = models.build_model("resnet50", 20, tiny=True)
+    fresh.load_state_dict(state)      # evaluate.py / predict.py rebuild the plain model from best.pt
+    x = torch.randn(2, 3, 64, 64)
+    model.eval(), synced.eval(), fresh.eval()
+    assert torch.equal(synced(x), fresh(x))   # in eval mode SyncBatchNorm uses the running statistics
+
+
+def test_sync_bn_under_torchrun_on_cpus_is_one_line_before_any_work(demo_root, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_clip.py",
+               "-d", "pascal", "--data-root", str(demo_root), "--output-dir", str(tmp_path), "--tiny-models",
+               "--num-workers", "0", "--bsize", "16", "--sync-bn", "--run-name", "sbn"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode != 0 and errors and all("--sync-bn" in line and "CUDA" in line for line in errors)
+    assert not (tmp_path / "sbn").exists()
