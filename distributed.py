@@ -12,6 +12,26 @@ import numpy as np
 import torch
 
 
+class _GlobalBatch(torch.autograd.Function):
+    """Every rank's B x ... rows, concatenated in rank order (equal B on every rank, as the
+    sampler's padded shards give). Backward: this rank's rows get the sum over ranks of their
+    gradients, so that after DDP averages the ranks' parameter gradients, a term of the global
+    batch has the gradient it has in one process over the whole batch."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(rows) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, rows.contiguous())
+        ctx.rank, ctx.rows = torch.distributed.get_rank(), rows.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 @dataclass(frozen=True)
 class Distributed:
     """This process's place in a torchrun launch (rank 0 of 1 without one)."""
@@ -43,6 +63,11 @@ class Distributed:
         global batch (torch.nn.SyncBatchNorm, CUDA only), as one process over the whole batch
         does; the same parameters and state_dict keys. Without torchrun, ``module`` itself."""
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module) if self.enabled else module
+
+    def global_batch(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows of the whole batch across ranks (``_GlobalBatch``), for a loss term over the
+        batch that a mean over ranks does not give (a squared batch mean); ``rows`` in one process."""
+        return _GlobalBatch.apply(rows) if self.enabled else rows
 
     def sum(self, values: list[float]) -> list[float]:
         """Elementwise sum over ranks."""

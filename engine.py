@@ -592,8 +592,8 @@ class Trainer:
             pseudo = self.pseudo_labels.batch(index, batch, observed) if self.pseudo_labels is not None else None
 
             def loss_of(logits, preds):
-                return method.loss(methods.LossInputs(logits, preds, index.to(device), observed, pseudo, clean),
-                                   stage_epoch)
+                return method.loss(methods.LossInputs(logits, preds, index.to(device), observed, pseudo, clean,
+                                                      self.dist.global_batch), stage_epoch)
             try:
                 preds, loss = train_step(stage.train_net, stage.optimizer, self.scaler, inputs, loss_of, amp_context)
             except FloatingPointError as error:

@@ -19,6 +19,7 @@ derivative where p is exactly 0 or 1, as the formula itself does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -361,6 +362,11 @@ def epr_coefficients(observed: Tensor) -> Coefficients:
     return _indicator(observed == 1, observed), 0.0, 0.0
 
 
+def one_process_batch(rows: Tensor) -> Tensor:
+    """The batch's rows when one process holds the whole batch (``LossInputs.global_batch``)."""
+    return rows
+
+
 def expected_positive_regulariser(preds: Tensor, expected_num_pos: float) -> Tensor:
     """Their ``expected_positive_regularizer(preds, k, norm='2') / K**2``: the squared gap between
     the batch's mean number of predicted positives (sum over classes, mean over images) and the
@@ -412,7 +418,7 @@ def gpr_schedule(k_schedule, v_schedule, epoch: int, num_epochs: int) -> tuple[f
 
 
 def gpr_loss(logits: Tensor, observed: Tensor, pseudo: Tensor | None, hp: Any, *, epoch: int,
-             num_epochs: int) -> Tensor:
+             num_epochs: int, global_batch: Callable[[Tensor], Tensor] = one_process_batch) -> Tensor:
     """AEVLP's ``GPR_loss`` (with ``hp.use_pl`` false: the GR loss plus AEVLP's regulariser).
 
     p = sigmoid(z); K = 1 / (1 + exp(-(w*p' + b))) and V = exp(-((p' - mu) / sigma)^2 / 2) of the
@@ -424,7 +430,8 @@ def gpr_loss(logits: Tensor, observed: Tensor, pseudo: Tensor | None, hp: Any, *
       with ``use_pl``: (1 - V') * (rho*nl(p) + (1-rho)*nl(1-p)) where o = 0 and q = 1, with
       V' = min(max(V, 1 - lam1), 1 - lam2); V * nl(1-p) where f = -1 (observed negatives too).
     Other entries are 0 (observed negatives without ``use_pl``). The loss is the mean of the B x K
-    matrix plus ``reg * expected_positive_regulariser(p, expected_num_pos)``.
+    matrix plus ``reg * expected_positive_regulariser(p, expected_num_pos)``, p of the whole batch
+    (``global_batch``: under torchrun every process's rows).
 
     Each rule is computed on its own entries only (the others see p = 1/2), so an entry's value
     and gradient are those of its rule alone, as with their masked assignments.
@@ -461,7 +468,7 @@ def gpr_loss(logits: Tensor, observed: Tensor, pseudo: Tensor | None, hp: Any, *
         loss = torch.where(pseudo_positive, (1 - clamped) * (hp.rho * nl(p) + (1 - hp.rho) * nl(1 - p)), loss)
         negative = final == -1
         loss = torch.where(negative, v_weight * nl(1 - on(negative)), loss)
-    return loss.mean() + hp.reg * expected_positive_regulariser(preds, hp.expected_num_pos)
+    return loss.mean() + hp.reg * expected_positive_regulariser(global_batch(preds), hp.expected_num_pos)
 
 
 # What compute_loss adds to sum(L) / (B*K) (``loss_coefficients`` gives L's coefficients only).

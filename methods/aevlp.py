@@ -61,4 +61,4 @@ class AEVLP(GR):
 
     def loss(self, inputs, epoch):
         return losses.gpr_loss(inputs.logits, inputs.observed, inputs.pseudo, self.loss_hp, epoch=epoch,
-                               num_epochs=self.stage_epochs)
+                               num_epochs=self.stage_epochs, global_batch=inputs.global_batch)

@@ -80,6 +80,9 @@ class LossInputs:
     observed: Tensor            # B x K in [-1, 1]
     pseudo: Tensor | None       # B x K in {-1, 0, 1}, for methods that need pseudo-labels
     clean: Tensor               # B x K 0/1 (read only by methods that declare needs_clean_labels)
+    # B x K rows -> the whole batch's rows across torchrun's processes, gradients flowing back to
+    # this process's rows (Distributed.global_batch); the rows themselves in one process.
+    global_batch: Callable[[Tensor], Tensor] = losses.one_process_batch
 
 
 class Method:

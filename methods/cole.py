@@ -82,7 +82,8 @@ class ExpectedPositiveRegularizer(Method):
 
     def loss(self, inputs, epoch):
         matrix = losses.combine(inputs.preds, *losses.epr_coefficients(inputs.observed))
-        return losses.mean_loss(matrix) + losses.expected_positive_regulariser(inputs.preds, self.hp.expected_num_pos)
+        return losses.mean_loss(matrix) + losses.expected_positive_regulariser(inputs.global_batch(inputs.preds),
+                                                                               self.hp.expected_num_pos)
 
 
 def _logit(p: float) -> float:

@@ -117,4 +117,4 @@ class GR(Method):
 
     def loss(self, inputs, epoch):
         return losses.gpr_loss(inputs.logits, inputs.observed, None, self.loss_hp, epoch=epoch,
-                               num_epochs=self.stage_epochs)
+                               num_epochs=self.stage_epochs, global_batch=inputs.global_batch)

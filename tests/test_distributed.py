@@ -15,7 +15,9 @@ import engine
 import main_clip
 import metrics
 import models
+import methods
 from distributed import Distributed
+from labels import LabelState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,3 +124,56 @@ def test_sync_bn_under_torchrun_on_cpus_is_one_line_before_any_work(demo_root, t
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert done.returncode != 0 and errors and all("--sync-bn" in line and "CUDA" in line for line in errors)
     assert not (tmp_path / "sbn").exists()
+
+
+REGULARISED = ("epr", "GR")
+
+
+def regularised_loss(name: str, logits: torch.Tensor, observed: torch.Tensor, global_batch) -> torch.Tensor:
+    config = main_clip.resolve_config(main_clip.get_args_parser().parse_args(["-l", name, "--tiny-models"]))
+    labels = LabelState(observed, observed.clamp(min=0))
+    method = methods.get_method(name).from_config(config, labels, stage_epochs=8)
+    inputs = methods.LossInputs(logits, torch.sigmoid(logits), torch.arange(len(logits)), observed, None,
+                                observed.clamp(min=0), global_batch)
+    return method.loss(inputs, 3)
+
+
+def share_gradients(rank: int, world_size: int, init_file: str, features, observed, out_dir: str) -> None:
+    """One torchrun-like process: DDP over a linear head, its contiguous share of the batch."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        share = slice(rank * len(features) // world_size, (rank + 1) * len(features) // world_size)
+        dist = Distributed(rank=rank, world_size=world_size)
+        for name in REGULARISED:
+            torch.manual_seed(0)
+            head = torch.nn.Linear(features.shape[1], observed.shape[1]).double()
+            net = torch.nn.parallel.DistributedDataParallel(head)
+            regularised_loss(name, net(features[share]), observed[share], dist.global_batch).backward()
+            torch.save(head.weight.grad, Path(out_dir) / f"{name}-{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_batch_regulariser_under_torchrun_has_the_one_process_gradient(tmp_path):
+    """EPR's and GR's (so AEVLP's) expected-positive regulariser, a squared mean over the batch, is
+    taken over the whole batch across processes: two DDP processes, each with half of the batch,
+    end with the gradient one process has over the whole batch (a mean over processes of each
+    half's regulariser would not)."""
+    generator = torch.Generator().manual_seed(5)
+    features = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    observed = torch.zeros(8, 5, dtype=torch.float64)
+    observed[torch.arange(8), torch.randint(5, (8,), generator=generator)] = 1.0
+    torch.multiprocessing.spawn(share_gradients, args=(2, str(tmp_path / "init"), features, observed, str(tmp_path)),
+                                nprocs=2, join=True)
+    for name in REGULARISED:
+        def gradient(loss_of):
+            torch.manual_seed(0)
+            head = torch.nn.Linear(6, 5).double()
+            loss_of(head).backward()
+            return head.weight.grad
+        whole = gradient(lambda head: regularised_loss(name, head(features), observed, lambda rows: rows))
+        halves = gradient(lambda head: sum(regularised_loss(name, head(features[part]), observed[part],
+                                                            lambda rows: rows) for part in (slice(0, 4), slice(4, 8))) / 2)
+        for rank in range(2):
+            torch.testing.assert_close(torch.load(tmp_path / f"{name}-{rank}.pt"), whole, rtol=1e-12, atol=1e-15)
+        assert not torch.allclose(halves, whole, rtol=1e-6, atol=0)
