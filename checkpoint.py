@@ -1,10 +1,11 @@
 """The run's checkpoints, decided and written in one place (DESIGN section 7).
 
 ``last.pt`` after every epoch holds everything a resume needs (model, optimizer, scaler, label
-state, method state, early stopping, logger); ``best.pt`` holds the weights and the method state of
-the best epoch by val mAP (strictly better than every earlier epoch). Both are written atomically by rank 0, load
-with ``weights_only=True`` and carry a checksum of their contents, verified at load: a damaged
-file is refused with one line, never silently replaced by a fresh start.
+state, method state, early stopping, logger); ``best.pt`` holds the weights and the method state
+of the best epoch by val mAP (strictly better than every earlier epoch). Both are written
+atomically by rank 0, load with ``weights_only=True`` and carry a checksum of their contents,
+verified at load: a damaged file is refused with one line, never silently replaced by a fresh
+start.
 """
 from __future__ import annotations
 
