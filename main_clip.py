@@ -155,7 +155,12 @@ def read_saved_config(path: Path, what: str) -> dict:
     if unknown:
         raise RunError(f"{what} {path}: settings this version does not know ({', '.join(unknown)}): "
                        f"a config.json from an incompatible version")
-    return {**rundir.ADDED_SETTINGS, **saved}
+    if saved["loss"] not in methods.REGISTRY:
+        raise RunError(f"{what} {path}: method {saved['loss']!r} is not one this version knows "
+                       f"({', '.join(methods.REGISTRY)})")
+    # A switch a method gained later defaults to what the method did before it existed.
+    gained = {h.name: h.default for h in methods.REGISTRY[saved["loss"]].hyperparameters if h.default is not None}
+    return {**rundir.ADDED_SETTINGS, **gained, **saved}
 
 
 def _with_saved(args: argparse.Namespace, saved: dict, given: set[str] | None,

@@ -46,6 +46,7 @@ def with_head_stage(method_name: str) -> dict:
                           head_bsize=HEAD_STAGE[method_name][dataset][1])
             for dataset, values in COLE_DATASET_DEFAULTS.items()}
 
+
 EXPECTED_POSITIVES = Hyperparameter(
     "expected_num_pos", float, "epr, role, GR: expected positive labels per image, the expected-positive "
     "regulariser's target (default per dataset, Cole et al.'s: VOC 1.5, COCO 2.9, NUS-WIDE 1.9, CUB 31.4)",

@@ -191,3 +191,21 @@ def test_flags_given_equal_to_their_defaults_still_override_a_saved_run(demo_roo
     assert new_run.seed == 0 and new_run.lr == saved["lr"] and new_run.epochs == saved["epochs"]
     # Without the command line's record (a Namespace built in code), a default value reads as left out.
     assert main_clip.apply_saved_config(parser.parse_args(argv)).seed == 2
+
+
+def test_a_run_from_before_a_method_switch_resumes_with_the_switch_at_its_old_behaviour(demo_root, tmp_path, capsys):
+    saved = main_clip.resolve_config(run_args(demo_root, tmp_path, "-l", "LL-Cp", "--run-name", "old"))
+    assert saved.pop("permanent_ties") is False          # LL-Cp gained --permanent-ties later
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    args = main_clip.get_args_parser().parse_args(["--output-dir", str(tmp_path), "--run-name", "old", "--resume"])
+    config = main_clip.resolve_config(main_clip.apply_resumed_config(args, {"output_dir", "run_name", "resume"}))
+    assert config["permanent_ties"] is False and main_clip.prepare_run_dir(config) == tmp_path / "old"
+    # Switched on, it is a different run.
+    on = main_clip.get_args_parser().parse_args(["--output-dir", str(tmp_path), "--run-name", "old", "--resume",
+                                                 "--permanent-ties", "on"])
+    with pytest.raises(main_clip.RunError, match="permanent_ties: False -> True"):
+        main_clip.prepare_run_dir(main_clip.resolve_config(main_clip.apply_resumed_config(on)))
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**saved, "loss": "LL-X"}))
+    message = cli_error(capsys, ["--output-dir", str(tmp_path), "--run-name", "old", "--resume"])
+    assert "method 'LL-X' is not one this version knows" in message
