@@ -227,12 +227,6 @@ def stage_schedule(config: dict) -> list[tuple[str, int, int]]:
     return schedule
 
 
-def head_batch_size(config: dict) -> int:
-    """The global batch of head-only epochs: --head-bsize, or --bsize where it is not set (older
-    run folders record no head batch)."""
-    return config.get("head_bsize") or config["bsize"]
-
-
 def total_epochs(config: dict) -> int:
     return sum(epochs for _, epochs, _ in stage_schedule(config))
 
@@ -368,7 +362,7 @@ class Trainer:
                           for phase, split in splits.items()}
             phase_sets["train_eval"] = phase_sets["train"]
             net, eval_batch = self.model.head, max(config["bsize"], 1024)
-            batch_size = head_batch_size(config)
+            batch_size = config["head_bsize"] or config["bsize"]   # None: --bsize
             groups = [{"params": list(net.parameters()), "lr": config["head_lr"]}]
         else:
             teacher_view = self.pseudo_labels.teacher_view() if self.pseudo_labels is not None else None

@@ -70,7 +70,7 @@ import damp  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
 import teacher as teacher_module  # noqa: E402
-from bench.timing import Meter  # noqa: E402
+from bench.timing import Meter, require_at_least_one  # noqa: E402
 from preproc import make_demo_data  # noqa: E402
 
 VIT_B16 = models.teacher_spec("ViT-B-16").open_clip_name   # AEVLP's teacher, 224 px
@@ -118,9 +118,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("num_images", "batch_size", "grid", "num_classes", "epochs", "repeats", "project_epochs"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(args, "num_images", "batch_size", "grid", "num_classes", "epochs", "repeats", "project_epochs")
     if args.width < args.grid or args.height < args.grid:
         raise SystemExit(f"error: a {args.width} x {args.height} image is too small for a "
                          f"{args.grid} x {args.grid} grid")

@@ -51,7 +51,7 @@ import engine  # noqa: E402
 import main_clip  # noqa: E402
 import models  # noqa: E402
 import teacher as teacher_module  # noqa: E402
-from bench.timing import Meter  # noqa: E402
+from bench.timing import Meter, require_at_least_one  # noqa: E402
 from preproc import format_pascal, generate_observed_labels, make_demo_data  # noqa: E402
 
 DATASET = "pascal"
@@ -84,9 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("num_train", "num_val", "num_test", "batch_size", "epochs", "project_epochs"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(args, "num_train", "num_val", "num_test", "batch_size", "epochs", "project_epochs")
     if args.num_train + args.num_val < 5:
         raise SystemExit("error: --num-train + --num-val must be at least 5 (the demo data's minimum)")
     if args.device == "cuda" and not torch.cuda.is_available():

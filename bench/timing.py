@@ -11,6 +11,13 @@ from collections import defaultdict
 import torch
 
 
+def require_at_least_one(args, *names: str) -> None:
+    """SystemExit naming the first flag among ``names`` (argparse destinations) set below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+
+
 def machine_busy_seconds() -> float | None:
     """CPU seconds all processes of the machine have run (Linux /proc/stat; None elsewhere)."""
     try:
