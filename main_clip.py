@@ -38,8 +38,7 @@ from distributed import Distributed, init_distributed
 from errors import RunError, exit_code
 from fileio import atomic_write_json
 
-# Settings that may change when a run is resumed without changing what it computes.
-RESUMABLE_CHANGES = {"resume", "epochs", "num_workers", "gpu", "test_every_epoch", "amp", "deterministic"}
+RESUMABLE_CHANGES = rundir.RESUMABLE_CHANGES
 
 
 def _method_help() -> str:
@@ -134,8 +133,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 # What a saved configuration never carries over: the run's name, and what to do with it.
 _NOT_CARRIED = {"resume", "config", "run_name"}
-# What may differ between a run's config.json and its resume without changing what it computes.
-_LOCATION = {"run_name", "output_dir", "config"}
+_LOCATION = rundir.LOCATION_SETTINGS
 
 
 def _flag_defaults() -> dict:

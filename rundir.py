@@ -20,6 +20,10 @@ RUN_FILES = frozenset({"config.json", "log.txt", "metrics.jsonl", "summary.json"
 # (a resume fills them in; the summariser groups such runs with those that record the value).
 ADDED_SETTINGS = {"teacher": "ViT-L-14-336", "deterministic": False, "head_bsize": None, "head": "linear",
                   "sync_bn": False}
+# Settings that may change when a run is resumed without changing what it computes.
+RESUMABLE_CHANGES = frozenset({"resume", "epochs", "num_workers", "gpu", "test_every_epoch", "amp", "deterministic"})
+# Where the run folder is and how it was reached: they may differ from config.json (a moved folder).
+LOCATION_SETTINGS = frozenset({"run_name", "output_dir", "config"})
 
 
 def run_dir_for(output_dir: str | os.PathLike, run_name: str) -> Path:
