@@ -423,14 +423,29 @@ class Trainer:
         self.logger.log(f"resumed from {self.saver.last_path} after epoch {state['epoch']}")
         return state
 
-    def carry_method_state(self, stage: Stage, best: dict) -> None:
-        """Hand the method state of the best epoch so far (the weights the stage starts from) to
-        the new stage's method."""
-        if "method" not in best:
+    def start_from_best(self, name: str, epochs: int, first: int, last_epoch: int) -> Stage:
+        """A later stage, started from the best epoch so far: its weights and its method state
+        (best.pt), then the new stage written to last.pt at once, so that a resume takes the
+        hand-over from last.pt even after this stage's epochs have replaced best.pt."""
+        best = self.saver.load_best()
+        if best.get("epoch") != self.logger.best_epoch:
+            raise RunError(f"{self.run_dir / BEST} holds epoch {best.get('epoch')}, but {self.saver.last_path} "
+                           f"records epoch {self.logger.best_epoch} as the best: best.pt is not this run's; restore "
+                           f"it from a copy or start the run again under another --run-name")
+        self.model.load_state_dict(best["model"])
+        self.logger.log(f"{name} stage starts from the best epoch so far (epoch {best['epoch']})")
+        stage = self.build_stage(name, epochs, first)
+        if "method" in best:
+            stage.method.start_from_previous_stage(best["method"])
+        else:
             self.logger.log(f"{self.run_dir / BEST} holds no method state (an older version wrote it): "
-                            f"the {stage.name} stage's method starts afresh")
-            return
-        stage.method.start_from_previous_stage(best["method"])
+                            f"the {name} stage's method starts afresh")
+        if self.config["model_selection"] == "final_stage":
+            self.logger.restart_selection()
+            self.logger.log(f"model selection: the best epoch of the {name} stage is reported "
+                            f"(--model-selection final_stage)")
+        self.save_last(last_epoch, stage)
+        return stage
 
     def restore_stage(self, stage: Stage, state: dict) -> None:
         stage.optimizer.load_state_dict(state["optimizer"])
@@ -459,22 +474,21 @@ class Trainer:
             if self.teacher is not None and not self.online:
                 self.teacher.cpu()  # its work is cached: free the accelerator's memory for training
             for name, epochs, first in stage_schedule(config):
-                resumed_here = saved is not None and saved["stage"] == name and last_epoch >= first
+                # last.pt names the stage in progress (a later stage's is written as it starts).
+                resumed_here = saved is not None and saved["stage"] == name
                 if last_epoch >= first + epochs - 1 or (resumed_here and saved["early_stopping"]["stopped"]):
                     continue  # finished, or stopped early, before the resume
-                best = None
-                if first > 1 and last_epoch < first:
-                    best = self.saver.load_best()
-                    self.model.load_state_dict(best["model"])
-                    logger.log(f"{name} stage starts from the best epoch so far (epoch {best['epoch']})")
-                stage = self.build_stage(name, epochs, first)
-                if best is not None:
-                    self.carry_method_state(stage, best)
                 if resumed_here:
+                    stage = self.build_stage(name, epochs, first)
                     self.restore_stage(stage, saved)
+                elif first > 1:
+                    stage = self.start_from_best(name, epochs, first, last_epoch)
+                else:
+                    stage = self.build_stage(name, epochs, first)
                 for epoch in range(max(first, last_epoch + 1), first + epochs):
                     self.run_epoch(epoch, stage)
                     self.save_last(epoch, stage)
+                    last_epoch = epoch
                     if stage.stopping.stopped:
                         break
         except KeyboardInterrupt:
@@ -484,9 +498,17 @@ class Trainer:
             raise
         report = self.pseudo_labels.report if self.pseudo_labels is not None else None
         summary = logger.finish(config, extra={"pseudo_labels": report, "train_mode": config["train_mode"],
-                                               "world_size": self.dist.world_size})
+                                               "world_size": self.dist.world_size,
+                                               "best_stage": self.stage_of(logger.best_epoch),
+                                               "model_selection": config["model_selection"]})
         logger.close()
         return summary
+
+    def stage_of(self, epoch: int | None) -> str | None:
+        """The name of the stage that ran ``epoch`` (None for None)."""
+        if epoch is None:
+            return None
+        return next(name for name, epochs, first in stage_schedule(self.config) if first <= epoch < first + epochs)
 
     def run_epoch(self, epoch: int, stage: Stage) -> None:
         config, logger = self.config, self.logger

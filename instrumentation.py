@@ -169,6 +169,11 @@ class RunLogger:
         self.best_test_map, self.best_test_ap = None, None
         return True
 
+    def restart_selection(self) -> None:
+        """Forget the best epoch so far: only the epochs from here on compete (a later training
+        stage under --model-selection final_stage)."""
+        self.best_epoch = self.best_val_map = self.best_test_map = self.best_test_ap = None
+
     def set_best_test(self, test_result: dict) -> None:
         """Keep the test ``end_phase`` record of the best epoch as the run's reported result."""
         if test_result.get("phase") != "test" or test_result.get("epoch") != self.best_epoch:
@@ -329,7 +334,7 @@ def _read_run(run_dir: Path) -> dict:
     if config is not None and summary is not None:
         # A setting left unset (None) counts as absent: a config written before its flag existed agrees.
         # A config.json from before a setting existed had the value rundir.ADDED_SETTINGS names.
-        key = {k: v for k, v in {**rundir.ADDED_SETTINGS, **config}.items()
+        key = {k: v for k, v in rundir.with_added_settings(config).items()
                if k not in BOOKKEEPING_KEYS and not k.endswith("_dir") and v is not None}
         row["group"] = json.dumps(key, sort_keys=True, default=str)
     return row

@@ -16,14 +16,30 @@ from errors import RunError
 LAST = "last.pt"
 # What a run writes into its folder (temporary files of atomic writes are ".<name>.*.tmp").
 RUN_FILES = frozenset({"config.json", "log.txt", "metrics.jsonl", "summary.json", LAST, "best.pt"})
+
+
+def _model_selection_before_the_flag(config: dict) -> str:
+    """Before --model-selection every epoch of every stage competed. With one stage that is its
+    final stage; linear_init, the one multi-stage mode then, selected over both stages."""
+    return "all_stages" if config.get("train_mode") == "linear_init" else "final_stage"
+
+
 # Settings newer than some run folders' config.json, with the value the runs that lack them used
-# (a resume fills them in; the summariser groups such runs with those that record the value).
+# (a resume fills them in; the summariser groups such runs with those that record the value): a
+# value, or a function of the older config.json when the value depended on other settings.
 ADDED_SETTINGS = {"teacher": "ViT-L-14-336", "deterministic": False, "head_bsize": None, "head": "linear",
-                  "sync_bn": False}
+                  "sync_bn": False, "model_selection": _model_selection_before_the_flag}
 # Settings that may change when a run is resumed without changing what it computes.
 RESUMABLE_CHANGES = frozenset({"resume", "epochs", "num_workers", "gpu", "test_every_epoch", "amp", "deterministic"})
 # Where the run folder is and how it was reached: they may differ from config.json (a moved folder).
 LOCATION_SETTINGS = frozenset({"run_name", "output_dir", "config"})
+
+
+def with_added_settings(config: dict) -> dict:
+    """``config`` (a run's config.json) with the value of each ``ADDED_SETTINGS`` entry it lacks."""
+    added = {key: value(config) if callable(value) else value for key, value in ADDED_SETTINGS.items()
+             if key not in config}
+    return {**added, **config}
 
 
 def run_dir_for(output_dir: str | os.PathLike, run_name: str) -> Path:
