@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 import datasets
 from distributed import Distributed
-from fileio import atomic_write
+from errors import RunError
+from fileio import atomic_write, check_writable, readable_size, remove_stale_temp_files
 
 
 # 2: images keyed by (path relative to the image root, size, modification time in ns), not by path.
@@ -49,6 +50,11 @@ def image_identities(image_paths: Sequence[str | os.PathLike],
         identities.append([relative.replace(os.sep, "/"), info.st_size, info.st_mtime_ns])
     return identities
 
+
+# The option that moves the cache folder (named in disk errors).
+CACHE_DIR_FLAG = "--cache-dir"
+# What an .npz adds to its arrays (zip and .npy headers, the key strings), rounded up generously.
+_NPZ_OVERHEAD = 1 << 20
 
 # The stored dtypes: float32, or float16 for outputs that are float16 values to begin with (AEVLP's
 # teacher ran in float16), which halves a multi-view cache.
@@ -91,6 +97,32 @@ def _read_cache(cache_file: Path, key_hash: str, num_images: int,
     return embeddings, ""
 
 
+def _check_cache_room(cache_file: Path, need_bytes: int, needed_for: str, desc: str) -> None:
+    """The cache folder can be written and has ``need_bytes`` free (RunError, one line, otherwise):
+    checked before the pass spends its time, whose result would be lost at the write."""
+    try:
+        check_writable(cache_file.parent, need_bytes, CACHE_DIR_FLAG, needed_for=needed_for)
+    except RunError as error:
+        raise RunError(f"{desc}: {error}") from error
+
+
+def _cache_size(num_images: int, row_shape: tuple, dtype: str) -> int:
+    """Bytes of the cache file of ``num_images`` rows of ``row_shape`` (views x D) in ``dtype``."""
+    return num_images * int(np.prod(row_shape)) * np.dtype(dtype).itemsize + _NPZ_OVERHEAD
+
+
+def _write_cache(cache_file: Path, key_hash: str, key: dict, embeddings: np.ndarray, desc: str) -> None:
+    """The cache file, written atomically; RunError, one line, when the disk refuses it."""
+    readable_key = json.dumps(key, sort_keys=True)
+    try:
+        atomic_write(cache_file, lambda handle: np.savez(handle, key=np.array(key_hash),
+                                                         key_json=np.array(readable_key), embeddings=embeddings))
+    except OSError as error:
+        raise RunError(f"{desc}: cannot write the embedding cache {cache_file} ({error.strerror or error}); the "
+                       f"embeddings of this pass are lost: free {readable_size(embeddings.nbytes)} there, or choose "
+                       f"another folder with {CACHE_DIR_FLAG}, and run again") from error
+
+
 def _log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -112,7 +144,9 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
     is hashed into the file with the images (``image_identities``: each file's path relative to
     ``root``, absolute without it, its size and modification time), the size and normalisation.
     A file with another key, the wrong shape, or that cannot be read is reported through ``log``
-    and rebuilt; the new file is written atomically.
+    and rebuilt; the new file is written atomically. Before a rebuild, the writing rank checks that
+    the folder can be written and has room (at least 1 value per image before the pass, the whole
+    file after its first batch): a full or read-only disk is one RunError line, not a lost pass.
 
     Under torchrun (``world_size`` > 1) each rank encodes every ``world_size``-th image from
     position ``rank``; ``gather_rows(indices, rows)`` must return every rank's rows, sorted by
@@ -133,6 +167,9 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
         log(f"{desc}: cache {cache_file} {reason}; recomputing it")
     if world_size > 1 and gather_rows is None:
         raise ValueError("cached_embeddings: world_size > 1 needs gather_rows")
+    if rank == 0:
+        _check_cache_room(cache_file, _cache_size(len(image_paths), (1,), dtype),
+                          "the embedding cache (at least; its exact size is checked after the first batch)", desc)
     dataset = datasets.ImageListDataset(image_paths, image_size, mean, std, views=views)
     mine = range(rank, len(dataset), world_size)
     loader = torch.utils.data.DataLoader(
@@ -146,6 +183,11 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
             flat = images.flatten(0, images.dim() - 4).to(device, non_blocking=True)
             outputs.append(encode(flat).float().cpu().numpy().reshape(*images.shape[:images.dim() - 3], -1))
             rows.append(indices.numpy())
+            if rank == 0 and len(outputs) == 1:   # the size of a row is known from the first batch
+                row_shape = outputs[0].shape[1:]
+                _check_cache_room(cache_file, _cache_size(len(dataset), row_shape, dtype),
+                                  f"the embedding cache ({' x '.join(map(str, (len(dataset), *row_shape)))} {dtype})",
+                                  desc)
             bar.update(len(indices))
     row_index, embeddings = np.concatenate(rows), np.concatenate(outputs).astype(dtype)
     if world_size > 1:
@@ -157,10 +199,7 @@ def cached_embeddings(encode: Callable[[torch.Tensor], torch.Tensor], key: dict,
         raise ValueError(f"{desc}: non-finite embedding for image {image_paths[bad]}")
     if rank != 0:
         return embeddings
-    readable_key = json.dumps(key, sort_keys=True)
-    atomic_write(cache_file, lambda handle: np.savez(handle, key=np.array(key_hash),
-                                                     key_json=np.array(readable_key),
-                                                     embeddings=embeddings))
+    _write_cache(cache_file, key_hash, key, embeddings, desc)
     log(f"{desc}: wrote {cache_file} ({' x '.join(map(str, embeddings.shape))})")
     return embeddings
 
@@ -181,7 +220,8 @@ class Encoder:
 @dataclass
 class OfficialSetCache:
     """``Encoder`` outputs for every image of an official split ('train' or 'val'), cached in
-    ``cache_dir`` as ``<prefix>-<fingerprint>-<phase>.npz``."""
+    ``cache_dir`` as ``<prefix>-<fingerprint>-<phase>.npz``. Temporary files that killed writes
+    left in ``cache_dir`` are removed at its first use (``remove_stale_temp_files``)."""
     data_root: str
     dataset: str
     image_dir: Path
@@ -191,8 +231,21 @@ class OfficialSetCache:
     device: torch.device
     log: Callable[[str], None] = _log_stderr
     dist: Distributed = Distributed()
+    _swept: bool = field(default=False, init=False, repr=False)
+
+    def remove_stale_temp_files(self) -> list[str]:
+        """Remove the temporary files of cache writes whose process was killed (up to a whole cache
+        file each); files that another run is writing stay. Logged; the names removed."""
+        removed = remove_stale_temp_files(self.cache_dir)
+        if removed:
+            self.log(f"removed {len(removed)} temporary file(s) of killed cache writes from {self.cache_dir}: "
+                     f"{', '.join(removed)}")
+        return removed
 
     def embeddings(self, phase: str, encoder: Encoder) -> np.ndarray:
+        if not self._swept and self.dist.is_main:
+            self.remove_stale_temp_files()
+            self._swept = True
         formatted = datasets.load_formatted(self.data_root, self.dataset, phase)
         fingerprint = cache_key_hash(encoder.key, [], encoder.image_size, encoder.mean, encoder.std,
                                      dtype=encoder.dtype)[:16]

@@ -10,8 +10,7 @@ start.
 from __future__ import annotations
 
 import hashlib
-import pickle
-import zipfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,21 +50,36 @@ def checksum(obj) -> str:
     return digest.hexdigest()
 
 
+def _first_words(error: Exception) -> str:
+    """What a load error says, in one short line: the unpickler's own complaint when torch wraps it
+    in advice about trusting the file (which does not apply to a damaged one)."""
+    text = str(error).strip()
+    if "WeightsUnpickler error: " in text:
+        text = text.split("WeightsUnpickler error: ", 1)[1]
+    line = (text.splitlines() or [""])[0].strip() or type(error).__name__
+    return f"{type(error).__name__}: {line[:200]}"
+
+
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint written by ``CheckpointSaver``, its checksum verified (RunError, one line,
     when it cannot be read or does not match)."""
+    advice = "restore it from a copy, or start the run again under another --run-name"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise RunError(f"{path}: cannot read the checkpoint ({first_line}); restore it from a copy, or start the "
-                       f"run again under another --run-name") from error
+        with warnings.catch_warnings():
+            # A damaged pickle stream may read as another protocol; the checksum below judges it.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged stream can make the unpickler raise anything (KeyError, IndexError...)
+        raise RunError(f"{path}: cannot read the checkpoint ({_first_words(error)}); {advice}") from error
     if not isinstance(state, dict) or CHECKSUM not in state:
         raise RunError(f"{path}: not a checkpoint of this code (no checksum)")
     expected = state.pop(CHECKSUM)
-    if checksum(state) != expected:
-        raise RunError(f"{path}: damaged (its contents do not match its checksum); restore it from a copy, or "
-                       f"start the run again under another --run-name")
+    try:
+        matches = isinstance(expected, str) and checksum(state) == expected
+    except Exception as error:  # a damaged structure (e.g. a list holding itself) that loaded nonetheless
+        raise RunError(f"{path}: damaged (its contents cannot be checked: {_first_words(error)}); {advice}") from error
+    if not matches:
+        raise RunError(f"{path}: damaged (its contents do not match its checksum); {advice}")
     return state
 
 

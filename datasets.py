@@ -436,20 +436,46 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib
                   Image.DecompressionBombError)
 
 
+class UnusablePixelsError(ValueError):
+    """Pixel values with no sure 8-bit reading (float grey outside 0..1 and 0..255, NaN, inf)."""
+
+
+def float_grey_to_8_bit(image: Image.Image) -> Image.Image:
+    """A 32-bit float grey image (PIL mode "F", e.g. a float TIFF) as 8-bit grey: values within
+    0..1 are scaled by 255, values within 0..255 (an 8-bit image stored as floats) are kept, both
+    rounded; anything else has no sure reading (UnusablePixelsError). convert("RGB") would clip
+    0..1 to a black image. An 8-bit-scale image whose values are all <= 1 is read as 0..1."""
+    values = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise UnusablePixelsError("32-bit float pixels with NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > 255:
+        raise UnusablePixelsError(f"32-bit float pixels from {low:g} to {high:g}, neither within 0..1 nor 0..255")
+    scale = 255.0 if high <= 1.0 else 1.0
+    return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8))
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` as 8-bit RGB; 16-bit grey is scaled (value / 257, rounded) instead of clipped."""
+    """``image`` as 8-bit RGB; 16-bit grey is scaled (value / 257, rounded) instead of clipped,
+    float grey as ``float_grey_to_8_bit`` says."""
     if image.mode in _HIGH_BIT_DEPTH_GREY:
         values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
         image = Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = float_grey_to_8_bit(image)
     return image.convert("RGB")
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
     """The image file decoded as RGB (``to_rgb``); UnreadableImageError naming the file when it
-    cannot be decoded (truncated images are refused: PIL's LOAD_TRUNCATED_IMAGES stays False)."""
+    cannot be decoded (truncated images are refused: PIL's LOAD_TRUNCATED_IMAGES stays False) or
+    its pixel values have no sure 8-bit reading."""
     try:
         with Image.open(path) as image:
             return to_rgb(image)
+    except UnusablePixelsError as error:   # decoded fine: replacing it with the same file would not help
+        raise UnreadableImageError(f"cannot use image {path} ({error}); convert it to 8-bit (0..255) "
+                                   f"RGB or greyscale") from error
     except _DECODE_ERRORS as error:
         reason = ("not an image file PIL can identify" if isinstance(error, UnidentifiedImageError)
                   else f"{type(error).__name__}: {error}")

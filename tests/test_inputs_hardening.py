@@ -316,7 +316,8 @@ def test_damaged_image_writes_no_cache(tmp_path, image_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. 16-bit grey images are scaled to 8 bits, not clipped to white
+# 4. 16-bit grey images are scaled to 8 bits, not clipped to white; float grey in 0..1 is scaled,
+#    not clipped to black
 # ---------------------------------------------------------------------------------------------
 
 def test_16_bit_png_spans_the_8_bit_range(tmp_path):
@@ -336,6 +337,44 @@ def test_16_bit_png_spans_the_8_bit_range(tmp_path):
     torch.testing.assert_close(images[0][0], images[1][0])
     # Mode "I" (what older Pillow gives 16-bit PNGs) is read the same way.
     np.testing.assert_array_equal(np.asarray(datasets.to_rgb(Image.fromarray(values.astype(np.int32)))), rgb)
+
+
+def save_float_tiff(path: Path, values: np.ndarray) -> Path:
+    Image.fromarray(values.astype(np.float32)).save(path)
+    assert Image.open(path).mode == "F"   # what PIL gives a 32-bit float TIFF
+    return path
+
+
+def test_float_tiff_in_0_to_1_spans_the_8_bit_range(tmp_path):
+    values = np.linspace(0, 1, 32 * 16).reshape(16, 32).astype(np.float32)
+    rgb = np.asarray(datasets.open_rgb(save_float_tiff(tmp_path / "unit.tif", values)))
+    assert rgb.dtype == np.uint8 and rgb.shape == (16, 32, 3)
+    expected = np.round(255 * values.astype(np.float64)).astype(np.uint8)
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[..., channel], expected)
+    assert rgb.min() == 0 and rgb.max() == 255
+    # Floats on the 8-bit scale are read as they are (rounded).
+    eight = np.linspace(0, 255, 32 * 16).reshape(16, 32)
+    rgb = np.asarray(datasets.open_rgb(save_float_tiff(tmp_path / "eight.tif", eight)))
+    np.testing.assert_array_equal(rgb[..., 1], np.round(eight.astype(np.float32).astype(np.float64)).astype(np.uint8))
+
+
+@pytest.mark.parametrize("bad,reason", [("nan", "NaN or infinite"), ("inf", "NaN or infinite"),
+                                        ("16_bit_range", "from 0 to 65535"), ("negative", "from -1 to 1")])
+def test_float_tiff_without_a_sure_8_bit_reading_is_refused_in_one_line(tmp_path, bad, reason):
+    values = np.linspace(0, 1, 64).reshape(8, 8)
+    if bad in ("nan", "inf"):
+        values[3, 4] = np.nan if bad == "nan" else np.inf
+    elif bad == "16_bit_range":
+        values = values * 65535
+    else:
+        values = values * 2 - 1
+    path = save_float_tiff(tmp_path / f"{bad}.tif", values)
+    for read in (lambda: datasets.open_rgb(path), lambda: datasets.ImageListDataset([path], SIZE, MEAN, STD)[0]):
+        with pytest.raises(datasets.UnreadableImageError) as error:
+            read()
+        one_line(str(error.value), f"cannot use image {path}", reason, "convert it to 8-bit")
+        assert isinstance(error.value, main_clip.RunError)
 
 
 # ---------------------------------------------------------------------------------------------
