@@ -4,8 +4,10 @@
     python evaluate.py results/pascal_resnet50_EM_PL_seed0 --split val --checkpoint last
 
 The model is rebuilt from the run's ``config.json`` and loaded from ``best.pt`` / ``last.pt``
-(``weights_only=True``); the split is drawn with the run's own data settings (split and
-subsampling seeds and fractions) and scored against its clean and its observed labels. Prints
+(``weights_only=True``) once the configuration the checkpoint records is found to be the
+folder's (another run's checkpoint is refused in one line naming the settings that differ); the
+split is drawn with the run's own data settings (split and subsampling seeds and fractions) and
+scored against its clean and its observed labels. Prints
 the metrics and writes ``RUN_DIR/eval_<split>_<checkpoint>.json`` atomically. The test mAP of
 ``best`` is the run's reported result (``summary.json``'s ``best_test_map``).
 """

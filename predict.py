@@ -8,6 +8,8 @@ The CSV, written atomically, has one row per image: its path, the classes whose 
 reaches ``--threshold`` (most probable first), the ``--top-k`` most probable classes, then one
 column per class with its probability. The images go through the transform the run evaluated
 with, so an image of the run's test set gets the probabilities ``evaluate.py`` computes for it.
+``--out`` never replaces a file a run folder owns (its checkpoints, config, logs, ``eval_*``
+results) nor one of the input images: such an ``--out`` is refused before any work.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import datasets
+import rundir
 import saved_run
 from errors import RunError
 from fileio import atomic_write_text
@@ -38,6 +41,31 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="probability from which a class counts as predicted")
     parser.add_argument("--top-k", type=int, default=5, help="the k most probable classes listed per image (0: none)")
     return parser
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A folder a run wrote into: it holds one of the files only runs write there."""
+    return any((folder / name).is_file() for name in rundir.RUN_FILES)
+
+
+def is_run_file_name(name: str) -> bool:
+    """A name a run folder owns: the run's own files and evaluate.py's eval_* results (as
+    ``rundir.foreign_files`` counts them)."""
+    return name in rundir.RUN_FILES or name.startswith("eval_")
+
+
+def check_not_a_run_file(out: Path) -> None:
+    """RunError unless ``out`` is free to write: the CSV would replace a checkpoint or a result of
+    the run folder it lies in."""
+    if is_run_file_name(out.name) and is_run_folder(out.parent):
+        raise RunError(f"--out {out} is a file of the run folder {out.parent}: writing the CSV would replace it; "
+                       f"pick another --out")
+
+
+def check_not_an_input(out: Path, images: list[Path]) -> None:
+    """RunError when ``out`` is one of the ``images`` to label: the CSV would replace it."""
+    if out.exists() and any(out.samefile(image) for image in images):
+        raise RunError(f"--out {out} is one of the input images: writing the CSV would replace it; pick another --out")
 
 
 def find_images(inputs: list[Path]) -> list[Path]:
@@ -90,8 +118,10 @@ def main(args: argparse.Namespace) -> dict:
         raise RunError(f"--top-k must be >= 0, got {args.top_k}")
     if args.out.is_dir():
         raise RunError(f"--out {args.out} is a folder; name the CSV file to write")
+    check_not_a_run_file(args.out)
     run = saved_run.load_run(args.run_dir, args.checkpoint, args.device)
     paths = find_images(args.inputs)
+    check_not_an_input(args.out, paths)
     readable, skipped = [], []
     for path in paths:
         error = decode_error(path)

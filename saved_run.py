@@ -4,13 +4,16 @@ and the data settings it was trained with. Used by ``evaluate.py`` and ``predict
 ``load_run(run_dir, checkpoint)`` rebuilds the model from ``config.json`` with random weights
 (``models.build_model(..., pretrained=False)``: nothing is read or downloaded but the run's own
 checkpoint) and loads ``best.pt`` or ``last.pt`` into it (``checkpoint.load_checkpoint``:
-``weights_only=True``, checksum verified). Every
-problem a user can fix (not a run folder, no such checkpoint, a config or checkpoint this
-version cannot read) is a ``RunError`` naming it, raised before anything is written.
+``weights_only=True``, checksum verified), after checking that the checkpoint was trained with
+the folder's configuration (``check_trained_with``: a ``best.pt`` copied in from another run is
+refused, not scored as this run's). Every problem a user can fix (not a run folder, no such
+checkpoint, another run's checkpoint, a config or checkpoint this version cannot read) is a
+``RunError`` naming it, raised before anything is written.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,7 +24,9 @@ import torch
 import checkpoint as checkpoint_module
 import datasets
 import engine
+import methods
 import models
+import rundir
 import teacher
 from errors import RunError, exit_code
 from instrumentation import CONFIG_FILE, SUMMARY_FILE, read_json
@@ -34,6 +39,10 @@ REQUIRED_CONFIG = {
     "data_root": str, "val_frac": float, "split_seed": int, "subsample_seed": int, "train_frac": float,
     "val_frac_keep": float,
 }
+# Settings a checkpoint may record otherwise than its run folder's config.json and still be the
+# run's own: those a resume may change (a best.pt written before a resume holds the old --epochs)
+# and where the folder is (a moved or renamed folder).
+NOT_COMPARED = rundir.RESUMABLE_CHANGES | rundir.LOCATION_SETTINGS
 
 
 @dataclass
@@ -141,12 +150,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None =
     state = checkpoint_module.load_checkpoint(path)  # weights_only=True, checksum verified
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise RunError(f"{path} holds no model weights (expected a dict with a 'model' state dict)")
-    saved_config = state.get("config")
-    if isinstance(saved_config, dict):
-        changed = [key for key in ("dataset", "model", "tiny_models") if saved_config.get(key) != config.get(key)]
-        if changed:
-            raise RunError(f"{path} was written for another configuration than {CONFIG_FILE} ("
-                           + ", ".join(f"{k}: {saved_config.get(k)!r} vs {config.get(k)!r}" for k in changed) + ")")
+    check_trained_with(path, state.get("config"), config)
 
     info = datasets.get_dataset_info(config["dataset"])
     spec = models.backbone_spec(config["model"])
@@ -168,6 +172,51 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None =
     epoch = state.get("epoch")
     return SavedRun(run_dir, config, checkpoint, epoch if isinstance(epoch, int) else None, model, torch_device,
                     info, spec)
+
+
+def check_trained_with(path: Path, saved_config, config: dict) -> None:
+    """RunError (one line) unless the checkpoint at ``path``, which records ``saved_config``, was
+    trained with the run folder's ``config``: another run's best.pt copied into the folder (another
+    image size, head, method, dataset) would otherwise be scored as this run's."""
+    config_path = path.parent / CONFIG_FILE
+    if not isinstance(saved_config, dict):
+        raise RunError(f"{path} records no training configuration, so it cannot be checked against {config_path}; "
+                       f"score only checkpoints that this version's main_clip.py wrote")
+    try:
+        # config.json is the JSON form of the dict the checkpoint holds (a tuple there is a list here).
+        saved_config = json.loads(json.dumps(saved_config))
+    except (TypeError, ValueError) as error:
+        raise RunError(f"{path} records a training configuration that is not a run's settings ({error})") from error
+    changed = configuration_differences(saved_config, config)
+    if changed:
+        raise RunError(f"{path} was trained with another configuration than {config_path} ({', '.join(changed)}); "
+                       f"score a checkpoint in the run folder that trained it, or put this run's own {path.name} back")
+
+
+def configuration_differences(saved: dict, config: dict) -> list[str]:
+    """Each compared setting on which the two differ, as "key: saved vs config", in key order."""
+    saved, config = as_recorded_now(saved), as_recorded_now(config)
+    keys = sorted((set(saved) | set(config)) - NOT_COMPARED)
+    # A setting recorded as None and one not recorded are the same unset setting (as a resume sees it).
+    return [f"{key}: {_setting(saved, key)} vs {_setting(config, key)}" for key in keys
+            if saved.get(key) != config.get(key)]
+
+
+def as_recorded_now(config: dict) -> dict:
+    """``config`` with the settings its version did not record yet at the values that version ran
+    with (``rundir.ADDED_SETTINGS`` and the switches the method gained since), as a resume reads it:
+    an old run folder whose config.json and checkpoint agree is not refused."""
+    # An ADDED_SETTINGS entry is a value, or a function of the older config when the value
+    # depended on other settings.
+    added = {key: value(config) if callable(value) else value for key, value in rundir.ADDED_SETTINGS.items()}
+    loss = config.get("loss")
+    method = methods.REGISTRY.get(loss) if isinstance(loss, str) else None
+    gained = {h.name: h.default for h in method.hyperparameters if h.default is not None} if method else {}
+    return {**added, **gained, **config}
+
+
+def _setting(config: dict, key: str) -> str:
+    return repr(config[key]) if key in config else "unset"
 
 
 def load_benchmark(config: dict, data_root: str | Path | None = None,

@@ -309,3 +309,128 @@ def test_paper_rows_name_what_tells_configurations_apart(tmp_path):
     methods, _, cells = instrumentation.paper_cells(instrumentation.read_runs([root]))
     assert methods == ["EM (head_lr_mult 1.0)", "EM (no head_lr_mult)"]
     assert sorted(row["test"] for row in cells[("EM (no head_lr_mult)", "pascal")]) == [50.0, 52.0, 54.0]
+
+
+# -- a checkpoint is scored only in its own run folder ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_runs(demo_root, tmp_path_factory) -> dict[str, Path]:
+    """1-epoch runs that differ from ``run_dir`` in one setting each (and in --epochs and
+    --run-name, which a checkpoint may record otherwise than its run folder)."""
+    out = tmp_path_factory.mktemp("other-runs")
+    flags = {"image_size": ("-l", "EM_PL", "--image-size", "48"), "head": ("-l", "EM_PL", "--head", "boostlu"),
+             "method": ("-l", "an",)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        for name, extra in flags.items():
+            main_clip.main(demo_args(demo_root, out, *extra, "--epochs", "1", "--run-name", name))
+    return {name: out / name for name in flags}
+
+
+def _tool_argv(tool: str, run: Path, tmp_path: Path) -> list[str]:
+    images = [] if tool == "evaluate" else [str(_some_test_images(run, tmp_path)), "--out", str(tmp_path / "p.csv")]
+    return [str(run), *images]
+
+
+def _some_test_images(run: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    if not folder.is_dir():
+        folder.mkdir()
+        benchmark = saved_run.load_benchmark(json.loads((run / "config.json").read_text()))
+        for path in benchmark.image_paths("test")[:3]:
+            shutil.copy(path, folder / Path(path).name)
+    return folder
+
+
+def _run_tool(tool: str, argv: list[str], capsys) -> tuple[int, str]:
+    code = {"evaluate": evaluate.cli, "predict": predict.cli}[tool](argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "predict"])
+@pytest.mark.parametrize("other, difference", [
+    ("image_size", "(image_size: 48 vs 64);"),
+    ("head", "(head: 'boostlu' vs 'linear');"),
+    ("method", "loss: 'an' vs 'EM_PL'"),   # and EM_PL's own settings, which an -l an run has not
+])
+def test_checkpoint_of_another_run_is_refused(run_dir, other_runs, tmp_path, capsys, tool, other, difference):
+    target = copy_run(run_dir, tmp_path / "copy")
+    shutil.copy(other_runs[other] / "best.pt", target / "best.pt")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    code, err = _run_tool(tool, _tool_argv(tool, target, tmp_path), capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {target / 'best.pt'} was trained with another configuration than "
+                          f"{target / 'config.json'} (") and difference in err, err
+    assert err.endswith("; score a checkpoint in the run folder that trained it, or put this run's own best.pt back\n")
+    # --epochs and --run-name differ too: a resume or a moved folder may change them, they are not named.
+    assert "epochs:" not in err and "run_name:" not in err, err
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before and not (tmp_path / "p.csv").exists()
+
+
+def _resave(path: Path, change) -> None:
+    """Rewrite the checkpoint at ``path`` after ``change(state)``, with a valid checksum."""
+    state = checkpoint.load_checkpoint(path)
+    change(state)
+    torch.save({**state, checkpoint.CHECKSUM: checkpoint.checksum(state)}, path)
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "predict"])
+@pytest.mark.parametrize("recorded", ["none", "not_a_dict"])
+def test_checkpoint_without_its_configuration_is_refused(run_dir, tmp_path, capsys, tool, recorded):
+    target = copy_run(run_dir, tmp_path / "copy")
+    if recorded == "none":
+        _resave(target / "best.pt", lambda state: state.pop("config"))
+    else:
+        _resave(target / "best.pt", lambda state: state.update(config="pascal"))
+    before = sorted(p.name for p in target.iterdir())
+    code, err = _run_tool(tool, _tool_argv(tool, target, tmp_path), capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {target / 'best.pt'} records no training configuration"), err
+    assert sorted(p.name for p in target.iterdir()) == before and not (tmp_path / "p.csv").exists()
+
+
+def test_old_config_json_is_read_with_the_values_it_ran_with(other_runs, tmp_path, capsys):
+    """A config.json written before a setting existed is read with the value the run used
+    (rundir.ADDED_SETTINGS): agreeing with its checkpoint there, it is scored; disagreeing, refused."""
+    target = copy_run(other_runs["head"], tmp_path / "old")
+    config = json.loads((target / "config.json").read_text())
+    assert config["sync_bn"] is False and config["head"] == "boostlu"
+    del config["sync_bn"]
+    (target / "config.json").write_text(json.dumps(config))
+    assert evaluate.cli([str(target)]) == 0
+    assert (target / "eval_test_best.json").is_file()
+    (target / "eval_test_best.json").unlink()
+
+    del config["head"]  # an old run folder had the linear head: this boostlu checkpoint is not its own
+    (target / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    code, err = _run_tool("evaluate", [str(target)], capsys)
+    assert code == 2 and "(head: 'boostlu' vs 'linear')" in err and err.count("\n") == 1, err
+    assert not (target / "eval_test_best.json").exists()
+
+
+# -- predict.py never writes over a run's files or its inputs ---------------------------------------
+
+def test_predict_never_replaces_a_run_file_or_an_input(run_dir, tmp_path, capsys, monkeypatch):
+    target = copy_run(run_dir, tmp_path / "copy")
+    (target / "eval_test_best.json").write_text('{"split": "test"}\n')
+    photos = _some_test_images(run_dir, tmp_path)
+    an_input = next(photos.iterdir())
+    with monkeypatch.context() as patch:
+        patch.setattr(saved_run, "load_run", lambda *args: pytest.fail("the model was loaded before --out was checked"))
+        for name in ("best.pt", "summary.json", "eval_test_best.json", "config.json"):
+            before = (target / name).read_bytes()
+            code, err = _run_tool("predict", [str(target), str(photos), "--out", str(target / name)], capsys)
+            assert code == 2 and err.count("\n") == 1, err
+            assert str(target / name) in err and "pick another --out" in err, err
+            assert (target / name).read_bytes() == before
+    before = an_input.read_bytes()
+    code, err = _run_tool("predict", [str(target), str(photos), "--out", str(an_input)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is one of the input images" in err, err
+    assert an_input.read_bytes() == before
+
+    # A new file in the run folder is allowed: the run is still scored as before.
+    assert predict.cli([str(target), str(photos), "--out", str(target / "predictions.csv")]) == 0
+    assert (target / "predictions.csv").is_file()
+    assert (target / "best.pt").read_bytes() == (run_dir / "best.pt").read_bytes()
+    assert evaluate.cli([str(target)]) == 0
