@@ -110,7 +110,23 @@ class CheckpointSaver:
     def load_best(self) -> dict:
         return load_checkpoint(self.run_dir / BEST)
 
+    def bytes_needed(self, model: torch.nn.Module) -> int:
+        """Free space the run's checkpoints need beside those already written: a new last.pt
+        (weights, and optimizer moments up to twice their size) and a new best.pt are each
+        written whole before they replace the old ones."""
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        return 4 * weights + 2**20
+
     def _write(self, name: str, state: dict) -> None:
         if self.dist.is_main:
-            atomic_torch_save(self.run_dir / name, {**state, CHECKSUM: checksum(state)})
+            path = self.run_dir / name
+            try:
+                atomic_torch_save(path, {**state, CHECKSUM: checksum(state)})
+            except OSError as error:
+                raise CheckpointWriteError(f"cannot write {path} ({error.strerror or error}); the checkpoints "
+                                           f"already there are whole: free space there") from error
         self.dist.barrier()  # nobody reads a checkpoint before it is whole
+
+
+class CheckpointWriteError(RunError):
+    """A checkpoint could not be written (full disk, read-only folder); the older one stays whole."""

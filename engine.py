@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import datasets
+import fileio
 import losses
 import methods
 import models
@@ -262,8 +263,11 @@ class Stage:
 class Trainer:
     """One training run: the model, its labels, its stages, its checkpoints."""
 
-    def __init__(self, config: dict, run_dir: Path, setup: Setup, model: models.Classifier | None = None):
+    def __init__(self, config: dict, run_dir: Path, setup: Setup, model: models.Classifier | None = None,
+                 resume_state: dict | None = None):
+        """``resume_state``: last.pt as already read and verified (``config["resume"]``; None reads it)."""
         self.config, self.run_dir, self.setup = config, run_dir, setup
+        self.resume_state = resume_state
         self.device, self.benchmark, self.teacher, self.dist = setup.device, setup.benchmark, setup.teacher, setup.dist
         self.method_class = methods.get_method(config["loss"])
         self.num_classes = self.benchmark.info.num_classes
@@ -416,7 +420,7 @@ class Trainer:
             early_stopping=stage.stopping.state_dict() if stage else None))
 
     def restore(self) -> dict:
-        state = self.saver.load_last()
+        state = self.resume_state if self.resume_state is not None else self.saver.load_last()
         self.model.load_state_dict(state["model"])
         self.logger.load_state_dict(state["logger"])
         self.scaler.load_state_dict(state["scaler"])
@@ -463,6 +467,8 @@ class Trainer:
         logger.log(f"dataset {config['dataset']}: train {len(bench.train.images)}, val {len(bench.val.images)}, "
                    f"test {len(bench.test.images)} images, {self.num_classes} classes; device {self.device}; "
                    f"train mode {config['train_mode']}")
+        fileio.check_writable(self.run_dir, self.saver.bytes_needed(self.model), "--output-dir",
+                              needed_for="last.pt and best.pt")
         saved = self.restore() if config["resume"] else None
         last_epoch = saved["epoch"] if saved else 0
         if saved is None:

@@ -71,10 +71,34 @@ def foreign_files(run_dir: Path) -> list[str]:
                   if p.name not in RUN_FILES and not _is_temp_file(p) and not p.name.startswith("eval_"))
 
 
+def result_files(run_dir: Path) -> list[str]:
+    """The files in ``run_dir`` that hold a run's results: best.pt, summary.json, evaluations and
+    a metrics log with records (a run that stopped before its first checkpoint leaves none)."""
+    if not run_dir.is_dir():
+        return []
+    found = [p.name for p in sorted(run_dir.iterdir())
+             if p.name in ("best.pt", "summary.json") or (p.name.startswith("eval_") and p.suffix == ".json")]
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(metrics.name)
+    return found
+
+
+def changed_settings(saved: dict, config: dict) -> list[str]:
+    """'key: saved -> config' for each setting that changes what a run computes (not a resumable
+    change, not the folder's location), both sides completed with ``ADDED_SETTINGS``."""
+    saved, config = with_added_settings(saved), with_added_settings(config)
+    ignored = RESUMABLE_CHANGES | LOCATION_SETTINGS
+    return [f"{key}: {saved.get(key)!r} -> {config.get(key)!r}" for key in sorted(set(saved) | set(config))
+            if key not in ignored and saved.get(key) != config.get(key)]
+
+
 def clear_unstarted(run_dir: Path) -> list[str]:
     """Remove what a run left before its first checkpoint (nothing else); the names removed."""
     if is_started(run_dir):
         raise RuntimeError(f"{run_dir} holds a started run")
+    if result_files(run_dir):
+        raise RuntimeError(f"{run_dir} holds results ({', '.join(result_files(run_dir))})")
     removed = []
     for path in sorted(run_dir.iterdir()):
         if path.name in RUN_FILES or _is_temp_file(path):
