@@ -27,7 +27,7 @@ DAMP_HYPERPARAMETERS = (
     Hyperparameter("grid_size", int, "DAMP: the image is cut into a g x g grid of tiles, each a teacher view besides "
                    "the whole image (AEVLP: 4; CUB 5)", minimum=1),
     Hyperparameter("damp_temp", float, "DAMP: softmax temperature of the views' class similarities (AEVLP: 0.01; "
-                   "CUB 0.1)", minimum=0.0),
+                   "CUB 0.1)", greater_than=0.0),     # the similarities are divided by it
     Hyperparameter("damp_eta", float, "DAMP: cap eta on the observed positive's whole-image score; a class takes its "
                    "tiles' max score where that max exceeds min(score, eta), else their min (default per dataset, "
                    "AEVLP's)", minimum=0.0),

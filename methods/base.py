@@ -14,6 +14,7 @@ A loss whose matrix is ``losses.combine``'s form (label-only coefficients) deriv
 """
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -36,6 +37,7 @@ class Hyperparameter:
     default: Any = None                 # None: the method's per-dataset table gives it
     minimum: float | None = None        # smallest allowed value (inclusive)
     maximum: float | None = None        # largest allowed value (inclusive)
+    greater_than: float | None = None   # exclusive lower bound: a value the formula divides by, a temperature
 
     @property
     def flag(self) -> str:
@@ -46,15 +48,28 @@ class Hyperparameter:
             raise ValueError(f"{self.flag} must be finite, got {value}")
         if self.minimum is not None and value < self.minimum:
             raise ValueError(f"{self.flag} must be >= {self.minimum}, got {value}")
+        if self.greater_than is not None and not value > self.greater_than:
+            raise ValueError(f"{self.flag} must be > {self.greater_than}, got {value}")
         if self.maximum is not None and value > self.maximum:
             raise ValueError(f"{self.flag} must be <= {self.maximum}, got {value}")
 
 
-def on_off(text: str) -> bool:
-    """An argparse type for a switch written as on / off."""
-    if text not in ("on", "off"):
-        raise ValueError(f"expected on or off, got {text!r}")
-    return text == "on"
+class OnOff:
+    """An argparse type for a switch written as on / off. A type of its own says what config.json
+    holds for it (``accepts``, ``json_form``): a saved configuration is checked against that."""
+    json_form = "true or false (the switch's on / off)"
+
+    def __call__(self, text: str) -> bool:
+        if text not in ("on", "off"):
+            raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+        return text == "on"
+
+    @staticmethod
+    def accepts(value: Any) -> bool:
+        return isinstance(value, bool)
+
+
+on_off = OnOff()
 
 
 # The protocol every method has; a method's table overrides entries per dataset.

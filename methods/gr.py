@@ -38,6 +38,15 @@ class FloatList:
                                              f"got {text!r}")
         return values
 
+    @property
+    def json_form(self) -> str:
+        """What config.json holds for it (main_clip checks a saved configuration against it)."""
+        return f"a list of {self.length} numbers [{self.names}]"
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, (list, tuple)) and len(value) == self.length and all(
+            isinstance(item, (int, float)) and not isinstance(item, bool) for item in value)
+
 
 @dataclass(frozen=True)
 class FloatListHyperparameter(Hyperparameter):
@@ -61,10 +70,11 @@ V_SCHEDULE = FloatListHyperparameter(
     "GR: V = exp(-((p - mu) / sigma)^2 / 2) weighs the loss of unobserved labels; mu, sigma move linearly from "
     "mu0, sigma0 to muT, sigmaT over the stage's epochs, counted from epoch (mu0,sigma0,muT,sigmaT, a comma list; "
     "sigmas > 0) (default per dataset, AEVLP's)", length=4)
+# q2 and q3 divide the robust losses: 0 is refused (greater_than) as well as negative values (minimum).
 Q2 = Hyperparameter("q2", float, "GR: exponent q2 > 0 of the robust loss (1 - p^q2) / q2 of unobserved labels, "
-                    "weighted by K (default per dataset, AEVLP's)", minimum=0.0)
+                    "weighted by K (default per dataset, AEVLP's)", minimum=0.0, greater_than=0.0)
 Q3 = Hyperparameter("q3", float, "GR: exponent q3 > 0 of the robust loss (1 - (1-p)^q3) / q3 of unobserved labels, "
-                    "weighted by 1 - K (default per dataset, AEVLP's)", minimum=0.0)
+                    "weighted by 1 - K (default per dataset, AEVLP's)", minimum=0.0, greater_than=0.0)
 REG = Hyperparameter("reg", float, "GR: weight of AEVLP's expected-positive regulariser (sum_k p - "
                      "--expected-num-pos)^2 / K^2 (default per dataset, AEVLP's; 0: the GR loss of its own code)",
                      minimum=0.0)
@@ -108,9 +118,6 @@ class GR(Method):
     @classmethod
     def check_config(cls, config):
         super().check_config(config)
-        for name in ("q2", "q3"):
-            if not config[name] > 0:
-                raise ValueError(f"--{name} must be > 0 (it divides the robust loss), got {config[name]}")
         mu_0, sigma_0, mu_max, sigma_max = config["v_schedule"]
         if not (sigma_0 > 0 and sigma_max > 0):
             raise ValueError(f"--v-schedule: sigma0 and sigmaT must be > 0, got {sigma_0} and {sigma_max}")
