@@ -27,12 +27,15 @@ from pathlib import Path
 
 import torch
 
+import checkpoint
 import datasets
 import engine
+import fileio
 import methods
 import models
 import pseudo_labels
 import rundir
+import saved_run
 import teacher as teacher_module
 from distributed import Distributed, init_distributed
 from errors import RunError, exit_code
@@ -102,6 +105,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--train-mode", choices=sorted(engine.TRAIN_MODES), default="end_to_end",
                    help="end_to_end; linear_fixed_features: only the head, on cached frozen features; "
                         "linear_init: --head-epochs of that, then --epochs end to end from the best head")
+    g.add_argument("--model-selection", choices=("final_stage", "all_stages"), default="final_stage",
+                   help="the epochs that compete for best.pt and the reported test mAP: those of the final stage "
+                        "(Cole et al.'s linear_init reports its fine-tuning stage) or of every stage")
     g.add_argument("--head-epochs", type=int, default=25, help="linear_init: head-only epochs before fine-tuning (Cole et al.: 25)")
     g.add_argument("--head-lr", type=float, default=None,
                    help="learning rate of head-only epochs (frozen-feature modes; per method, VLPL: 1e-4)")
@@ -141,6 +147,55 @@ def _flag_defaults() -> dict:
             if action.option_strings and action.dest != "help"}
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What config.json holds for a flag of each argparse type (None: argparse's default, the text
+# itself). A type of its own (methods.base.on_off, methods.gr.FloatList) says it: accepts, json_form.
+_JSON_FORMS = {int: (_is_integer, "an integer"), float: (_is_number, "a number"),
+               str: (lambda value: isinstance(value, str), "a string")}
+_JSON_FORMS[None] = _JSON_FORMS[str]
+_SWITCH_FORM = (lambda value: isinstance(value, bool), "true or false")     # a store_true flag
+
+
+def _saved_value_problem(action: argparse.Action, value) -> str | None:
+    """What a config.json value lacks that the flag's own values have (None: nothing): the
+    checks argparse makes of the flag's text, made of the JSON value."""
+    if value is None and action.default is None:
+        return None     # as when the flag is left out: the method's or the run's default
+    if action.choices is not None:
+        return None if isinstance(value, str) and value in action.choices else \
+            f"expected one of {', '.join(action.choices)}"
+    if isinstance(action, argparse._StoreTrueAction):
+        accepts, form = _SWITCH_FORM
+    elif action.type in _JSON_FORMS:
+        accepts, form = _JSON_FORMS[action.type]
+    else:
+        accepts, form = action.type.accepts, action.type.json_form
+    return None if accepts(value) else f"expected {form}"
+
+
+def _check_saved_values(saved: dict, path: Path, what: str) -> None:
+    """Each saved value as the flags' own checks would take it, and no other method's settings:
+    a hand-edited value is refused before any work, as the flag would be."""
+    actions = {action.dest: action for action in get_args_parser()._actions if action.dest in saved}
+    for key, value in saved.items():
+        problem = _saved_value_problem(actions[key], value)
+        if problem:
+            raise RunError(f"{what} {path}: {'/'.join(actions[key].option_strings)} {json.dumps(value)}: {problem}")
+    own = {h.name for h in methods.REGISTRY[saved["loss"]].hyperparameters}
+    for name, (hyperparameter, users) in methods.all_hyperparameters().items():
+        # resolve_config never records them: such a value would be dropped without a word.
+        if name not in own and saved.get(name) is not None:
+            raise RunError(f"{what} {path}: {hyperparameter.flag} is a setting of {', '.join(users)}, "
+                           f"not of -l {saved['loss']}")
+
+
 def read_saved_config(path: Path, what: str) -> dict:
     """A run's config.json, checked: one line naming the file when it cannot be used."""
     try:
@@ -153,12 +208,11 @@ def read_saved_config(path: Path, what: str) -> dict:
     if unknown:
         raise RunError(f"{what} {path}: settings this version does not know ({', '.join(unknown)}): "
                        f"a config.json from an incompatible version")
-    if saved["loss"] not in methods.REGISTRY:
+    if not isinstance(saved["loss"], str) or saved["loss"] not in methods.REGISTRY:
         raise RunError(f"{what} {path}: method {saved['loss']!r} is not one this version knows "
                        f"({', '.join(methods.REGISTRY)})")
-    # A switch a method gained later defaults to what the method did before it existed.
-    gained = {h.name: h.default for h in methods.REGISTRY[saved["loss"]].hyperparameters if h.default is not None}
-    return {**rundir.ADDED_SETTINGS, **gained, **saved}
+    _check_saved_values(saved, path, what)
+    return saved_run.as_recorded_now(saved)
 
 
 def _with_saved(args: argparse.Namespace, saved: dict, given: set[str] | None,
@@ -269,22 +323,43 @@ def select_device(gpu: int, dist: Distributed = Distributed()) -> torch.device:
 
 
 def prepare_run_dir(config: dict) -> Path:
-    """The run folder, checked before anything is written: a new run never goes into a started
-    one (or one holding other files); a resumed run keeps what it computes."""
+    """The run folder, checked before any long work (``check_run_dir``); checked again under its
+    lock, where no other run can change it, before anything is written."""
     run_dir = rundir.run_dir_for(config["output_dir"], config["run_name"])
+    check_run_dir(config, run_dir)
+    return run_dir
+
+
+def check_run_dir(config: dict, run_dir: Path) -> None:
+    """A new run never goes into a started one, one holding results (a finished run whose last.pt
+    is gone keeps them) or one holding other files; a resumed run keeps what it computes."""
+    if not config["resume"] and rundir.is_started(run_dir):
+        raise RunError(f"run folder {run_dir} already exists: pass --resume to continue it or choose another --run-name")
+    results = rundir.result_files(run_dir)
+    if results and not rundir.is_started(run_dir):
+        raise RunError(f"run folder {run_dir} holds a run's results ({', '.join(results)}) but no {rundir.LAST} to "
+                       f"continue from; they are kept: choose another --run-name")
     if config["resume"]:
         saved = read_saved_config(run_dir / "config.json", "--resume:")
-        ignored = RESUMABLE_CHANGES | _LOCATION
-        changed = sorted(k for k in set(saved) | set(config) if k not in ignored and saved.get(k) != config.get(k))
+        changed = rundir.changed_settings(saved, config)  # read_saved_config completed the older settings
         if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
-            raise RunError(f"--resume with a different configuration ({details}); use the original flags or a new --run-name")
-    elif rundir.is_started(run_dir):
-        raise RunError(f"run folder {run_dir} already exists: pass --resume to continue it or choose another --run-name")
+            raise RunError(f"--resume with a different configuration ({', '.join(changed)}); use the original flags "
+                           f"or a new --run-name")
     elif rundir.foreign_files(run_dir):
         raise RunError(f"run folder {run_dir} holds files that are not a run's ({', '.join(rundir.foreign_files(run_dir)[:3])}); "
                        f"choose another --run-name")
-    return run_dir
+
+
+def read_resume_state(config: dict, run_dir: Path) -> dict:
+    """last.pt, verified, and written for this run's configuration (one line naming it otherwise)."""
+    state = checkpoint.load_checkpoint(run_dir / rundir.LAST)
+    saved = state.get("config")
+    changed = (rundir.changed_settings(saved_run.as_recorded_now(saved), config) if isinstance(saved, dict)
+               else ["no configuration in it"])
+    if changed:
+        raise RunError(f"{run_dir / rundir.LAST} was written by another run than {run_dir / 'config.json'} "
+                       f"({', '.join(changed)}); restore it from a copy, or start the run again under another --run-name")
+    return state
 
 
 def run_demo_data(data_root: Path) -> None:
@@ -336,10 +411,22 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> dict:
     except (ValueError, FileNotFoundError) as error:
         raise RunError(str(error)) from error
     dist.barrier()  # every rank has checked the run folder before rank 0 writes to it
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     with rundir.RunFolderLock(run_dir) if dist.is_main else contextlib.nullcontext():
-        started = rundir.is_started(run_dir)
+        dist.barrier()  # rank 0 holds the lock: the folder is as every rank now sees it
+        try:
+            # Another run may have started or finished in the folder since the first check.
+            check_run_dir(config, run_dir)
+            started = rundir.is_started(run_dir)
+            resume_state = read_resume_state(config, run_dir) if config["resume"] and started else None
+        except RunError:
+            if created and dist.is_main and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+            raise
         dist.barrier()  # every rank has looked before rank 0 clears anything
+        if dist.is_main:
+            fileio.check_writable(run_dir, 2**20, "--output-dir")
         notes = []
         if dist.is_main:
             saved = read_saved_config(run_dir / "config.json", "--resume:") if started else {}
@@ -354,7 +441,7 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> dict:
         if dist.is_main:
             atomic_write_json(run_dir / "config.json", config)
         try:
-            trainer = engine.Trainer(config, run_dir, run_setup)
+            trainer = engine.Trainer(config, run_dir, run_setup, resume_state=resume_state)
             for note in notes:
                 trainer.logger.log(note)
             summary = trainer.fit()
@@ -365,6 +452,8 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> dict:
         except datasets.UnreadableImageError as error:
             # Found only when an epoch reads the image: once it is replaced the run can go on.
             raise RunError(f"{error}; once it is replaced, {next_step(config, run_dir)}") from error
+        except checkpoint.CheckpointWriteError as error:
+            raise RunError(f"{error}; then {next_step(config, run_dir)}") from error
     if args.demo:
         print(DEMO_NOTICE)
     return summary

@@ -84,13 +84,14 @@ def result_files(run_dir: Path) -> list[str]:
     return found
 
 
-def changed_settings(saved: dict, config: dict) -> list[str]:
-    """'key: saved -> config' for each setting that changes what a run computes (not a resumable
-    change, not the folder's location), both sides completed with ``ADDED_SETTINGS``."""
-    saved, config = with_added_settings(saved), with_added_settings(config)
-    ignored = RESUMABLE_CHANGES | LOCATION_SETTINGS
-    return [f"{key}: {saved.get(key)!r} -> {config.get(key)!r}" for key in sorted(set(saved) | set(config))
-            if key not in ignored and saved.get(key) != config.get(key)]
+def changed_settings(saved: dict, config: dict, joiner: str = " -> ") -> list[str]:
+    """'key: saved -> config' for each setting on which the two differ and that changes what a run
+    computes (not a resumable change, not the folder's location), in key order. A setting recorded
+    as None and one not recorded are the same unset setting."""
+    def shown(settings: dict, key: str) -> str:
+        return repr(settings[key]) if key in settings else "unset"
+    keys = sorted((set(saved) | set(config)) - RESUMABLE_CHANGES - LOCATION_SETTINGS)
+    return [f"{key}: {shown(saved, key)}{joiner}{shown(config, key)}" for key in keys if saved.get(key) != config.get(key)]
 
 
 def clear_unstarted(run_dir: Path) -> list[str]:

@@ -39,10 +39,6 @@ REQUIRED_CONFIG = {
     "data_root": str, "val_frac": float, "split_seed": int, "subsample_seed": int, "train_frac": float,
     "val_frac_keep": float,
 }
-# Settings a checkpoint may record otherwise than its run folder's config.json and still be the
-# run's own: those a resume may change (a best.pt written before a resume holds the old --epochs)
-# and where the folder is (a moved or renamed folder).
-NOT_COMPARED = rundir.RESUMABLE_CHANGES | rundir.LOCATION_SETTINGS
 
 
 @dataclass
@@ -195,28 +191,17 @@ def check_trained_with(path: Path, saved_config, config: dict) -> None:
 
 def configuration_differences(saved: dict, config: dict) -> list[str]:
     """Each compared setting on which the two differ, as "key: saved vs config", in key order."""
-    saved, config = as_recorded_now(saved), as_recorded_now(config)
-    keys = sorted((set(saved) | set(config)) - NOT_COMPARED)
-    # A setting recorded as None and one not recorded are the same unset setting (as a resume sees it).
-    return [f"{key}: {_setting(saved, key)} vs {_setting(config, key)}" for key in keys
-            if saved.get(key) != config.get(key)]
+    return rundir.changed_settings(as_recorded_now(saved), as_recorded_now(config), joiner=" vs ")
 
 
 def as_recorded_now(config: dict) -> dict:
     """``config`` with the settings its version did not record yet at the values that version ran
-    with (``rundir.ADDED_SETTINGS`` and the switches the method gained since), as a resume reads it:
-    an old run folder whose config.json and checkpoint agree is not refused."""
-    # An ADDED_SETTINGS entry is a value, or a function of the older config when the value
-    # depended on other settings.
-    added = {key: value(config) if callable(value) else value for key, value in rundir.ADDED_SETTINGS.items()}
+    with (``rundir.ADDED_SETTINGS``, and the switches its method gained since at the defaults that
+    reproduce what it did before them): how a resume and the comparisons of checkpoints read it."""
     loss = config.get("loss")
     method = methods.REGISTRY.get(loss) if isinstance(loss, str) else None
     gained = {h.name: h.default for h in method.hyperparameters if h.default is not None} if method else {}
-    return {**added, **gained, **config}
-
-
-def _setting(config: dict, key: str) -> str:
-    return repr(config[key]) if key in config else "unset"
+    return {**gained, **rundir.with_added_settings(config)}
 
 
 def load_benchmark(config: dict, data_root: str | Path | None = None,

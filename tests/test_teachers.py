@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
+import checkpoint
 import hf_clip
 import main_clip
 import models
@@ -290,6 +291,10 @@ def test_saved_clip_vision_run_rebuilds_with_its_teacher(demo_root, tmp_path, mo
     config = json.loads(config_file.read_text())
     del config["teacher"]
     config_file.write_text(json.dumps(config))
+    # As an older version wrote both files: its checkpoint records no teacher either.
+    state = checkpoint.load_checkpoint(run_dir / "last.pt")
+    del state["config"]["teacher"]
+    checkpoint.CheckpointSaver(run_dir, logger=None)._write("last.pt", state)
     saved_run.load_run(run_dir, "last")
     assert asked == [OTHER, models.DEFAULT_TEACHER]
     config_file.write_text(json.dumps({**config, "teacher": "RN50"}))
