@@ -695,6 +695,14 @@ class BenchmarkSplits:
     train_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     val_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
+    def classes_without_positives(self, phase: str, observed: bool = False) -> list[str]:
+        """Names of the classes that no image of 'train', 'val' or 'test' has as a positive (clean
+        labels; ``observed``: its observed labels). Such a class has AP 0 and still counts in the
+        split's mAP, as in every original code base (metrics.py)."""
+        data = getattr(self, phase)
+        labels = data.labels_obs if observed else data.labels
+        return [self.info.class_names[k] for k in np.flatnonzero(~(labels == 1).any(axis=0))]
+
     def image_paths(self, phase: str) -> list[str]:
         """Full image paths of 'train', 'val' or 'test', in row order."""
         if phase not in ("train", "val", "test"):

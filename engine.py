@@ -467,6 +467,11 @@ class Trainer:
         logger.log(f"dataset {config['dataset']}: train {len(bench.train.images)}, val {len(bench.val.images)}, "
                    f"test {len(bench.test.images)} images, {self.num_classes} classes; device {self.device}; "
                    f"train mode {config['train_mode']}")
+        without_positives = self.classes_without_positives()
+        for split, names in without_positives.items():
+            if names:
+                logger.log(f"note: {len(names)} of {self.num_classes} classes have no positive in {split} "
+                           f"({', '.join(names)}): each counts in its mAP as AP 0, as in the original code bases")
         fileio.check_writable(self.run_dir, self.saver.bytes_needed(self.model), "--output-dir",
                               needed_for="last.pt and best.pt")
         saved = self.restore() if config["resume"] else None
@@ -506,9 +511,19 @@ class Trainer:
         summary = logger.finish(config, extra={"pseudo_labels": report, "train_mode": config["train_mode"],
                                                "world_size": self.dist.world_size,
                                                "best_stage": self.stage_of(logger.best_epoch),
-                                               "model_selection": config["model_selection"]})
+                                               "model_selection": config["model_selection"],
+                                               "classes_without_positives": without_positives})
         logger.close()
         return summary
+
+    def classes_without_positives(self) -> dict[str, list[str]]:
+        """Per split, the classes without a (clean) positive, each AP 0 in that split's mAP; with
+        --val-labels observed, also those without an observed positive in val ("val_observed")."""
+        bench = self.benchmark
+        found = {split: bench.classes_without_positives(split) for split in ("train", "val", "test")}
+        if self.config["val_labels"] == "observed":
+            found["val_observed"] = bench.classes_without_positives("val", observed=True)
+        return found
 
     def stage_of(self, epoch: int | None) -> str | None:
         """The name of the stage that ran ``epoch`` (None for None)."""

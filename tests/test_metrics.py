@@ -1,11 +1,17 @@
 """metrics.py against scikit-learn and against a plain per-image / per-threshold loop."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
+import datasets
+import main_clip
 import metrics
+from conftest import demo_args
 
 
 def loop_average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -168,3 +174,30 @@ def test_coco_scale_is_fast():
     start = time.perf_counter()
     metrics.compute_metrics(scores, targets)
     assert time.perf_counter() - start < 1.0
+
+
+def test_a_class_without_positives_counts_as_ap_0_and_the_run_says_which(demo_root, tmp_path):
+    # A copy of the demo data whose official val set (the test split) has no "dog" positive.
+    root = tmp_path / "data"
+    shutil.copytree(demo_root / "pascal", root / "pascal", ignore=shutil.ignore_patterns("cache"))
+    dog = datasets.get_dataset_info("pascal").class_names.index("dog")
+    had_dogs = False
+    for name in ("formatted_val_labels.npy", "formatted_val_labels_obs.npy"):
+        labels = np.load(root / "pascal" / name)
+        had_dogs |= bool((labels[:, dog] == 1).any())
+        labels[:, dog] = np.minimum(labels[:, dog], 0)
+        np.save(root / "pascal" / name, labels)
+    assert had_dogs  # the change is real
+    summary = main_clip.main(demo_args(root, tmp_path / "out", "-l", "an", "--train-mode", "linear_fixed_features",
+                                       "--epochs", "1", "--run-name", "r"))
+    assert summary["classes_without_positives"]["test"] == ["dog"]
+    val_labels = datasets.load_benchmark(root, "pascal").val.labels
+    names = datasets.get_dataset_info("pascal").class_names
+    assert summary["classes_without_positives"]["val"] == [names[k] for k in range(20) if val_labels[:, k].max() < 1]
+    assert "val_observed" not in summary["classes_without_positives"]  # selected on clean labels
+    assert summary["test_ap_per_class"][dog] == 0.0
+    assert summary["best_test_map"] == pytest.approx(np.mean(summary["test_ap_per_class"]))
+    log = (tmp_path / "out" / "r" / "log.txt").read_text()
+    assert "note: 1 of 20 classes have no positive in test (dog): each counts in its mAP as AP 0" in log
+    assert json.loads((tmp_path / "out" / "r" / "summary.json").read_text())["classes_without_positives"] == \
+        summary["classes_without_positives"]
