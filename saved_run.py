@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 import checkpoint as checkpoint_module
+import config as config_module
 import datasets
 import engine
-import methods
 import models
 import rundir
 import teacher
@@ -191,17 +191,8 @@ def check_trained_with(path: Path, saved_config, config: dict) -> None:
 
 def configuration_differences(saved: dict, config: dict) -> list[str]:
     """Each compared setting on which the two differ, as "key: saved vs config", in key order."""
-    return rundir.changed_settings(as_recorded_now(saved), as_recorded_now(config), joiner=" vs ")
-
-
-def as_recorded_now(config: dict) -> dict:
-    """``config`` with the settings its version did not record yet at the values that version ran
-    with (``rundir.ADDED_SETTINGS``, and the switches its method gained since at the defaults that
-    reproduce what it did before them): how a resume and the comparisons of checkpoints read it."""
-    loss = config.get("loss")
-    method = methods.REGISTRY.get(loss) if isinstance(loss, str) else None
-    gained = {h.name: h.default for h in method.hyperparameters if h.default is not None} if method else {}
-    return {**gained, **rundir.with_added_settings(config)}
+    return rundir.changed_settings(config_module.as_recorded_now(saved), config_module.as_recorded_now(config),
+                                  joiner=" vs ")
 
 
 def load_benchmark(config: dict, data_root: str | Path | None = None,

@@ -48,6 +48,7 @@ import torch  # noqa: E402
 
 import datasets  # noqa: E402
 import engine  # noqa: E402
+import config as config_module  # noqa: E402
 import main_clip  # noqa: E402
 import models  # noqa: E402
 import teacher as teacher_module  # noqa: E402
@@ -115,7 +116,7 @@ def run_config(args: argparse.Namespace, root: Path, val_frac: float, design: st
         argv += ["--tiny-models"]
     if design == "original":
         argv += ["--pseudo-labels", "online", "--test-every-epoch"]
-    return main_clip.resolve_config(main_clip.get_args_parser().parse_args(argv))
+    return config_module.resolve_config(main_clip.get_args_parser().parse_args(argv))
 
 
 def random_backbone_file(model: str, num_classes: int, path: Path) -> Path | None:
@@ -249,7 +250,7 @@ def _run(args: argparse.Namespace, root: Path) -> dict:
     with meters["ours"].measure("cache"):
         ours.make_pseudo_labels()
     cache_s, cache_cpu = meters["ours"].wall["cache"][0], meters["ours"].cpu["cache"][0]
-    cached_images = len(ours.teacher_embeddings)
+    cached_images = len(ours.cache.embeddings("train", ours.teacher_encoder()))  # kept in memory by the pass
     timed_epochs(ours, "ours", args.epochs, meters["ours"])
     # (a) the original design.
     timed_epochs(runs["original"], "original", args.epochs, meters["original"])

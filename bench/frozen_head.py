@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import datasets  # noqa: E402
 import engine  # noqa: E402
+import config as config_module  # noqa: E402
 import main_clip  # noqa: E402
 import methods  # noqa: E402
 import models  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> None:
     features = {"train": train_features[train_idx], "val": train_features[val_idx], "test": test_features}
 
     with tempfile.TemporaryDirectory() as out:
-        config = main_clip.resolve_config(main_clip.get_args_parser().parse_args(
+        config = config_module.resolve_config(main_clip.get_args_parser().parse_args(
             ["-d", "coco", "-l", args.loss, "--train-mode", "linear_fixed_features", "--epochs", str(args.epochs),
              "--bsize", str(args.bsize),
              "--test-every-epoch", "--output-dir", out, "--data-root", out, "--num-workers", "0"]))

@@ -12,12 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-import aevlp_text
 import caches
-import damp
 import datasets
 import engine
 import losses
+import config as config_module
 import main_clip
 import methods
 import pseudo_labels
@@ -25,13 +24,14 @@ import teacher as teacher_module
 from conftest import demo_args, run_once_and_resumed
 from distributed import Distributed
 from methods.aevlp import AEVLP
+from pseudo_labels import aevlp_text, damp
 
 
 # -- defaults and flags ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dataset", ["pascal", "coco", "nuswide", "cub"])
 def test_defaults_are_aevlps_protocol_teacher_and_damp_settings(dataset):
-    config = main_clip.resolve_config(main_clip.get_args_parser().parse_args(["-d", dataset, "-l", "AEVLP"]))
+    config = config_module.resolve_config(main_clip.get_args_parser().parse_args(["-d", dataset, "-l", "AEVLP"]))
     published = {"pascal": (8, 8, 4, 0.01, 0.0, 0.5, 3, 0.2), "coco": (8, 16, 4, 0.01, 0.3, 0.5, 3, 0.3),
                  "nuswide": (10, 16, 4, 0.01, 0.3, 0.6, 3, 0.2), "cub": (10, 8, 5, 0.1, 0.005, 0.005, 32, 0.2)}
     assert (config["epochs"], config["bsize"], config["grid_size"], config["damp_temp"], config["damp_eta"],
@@ -49,16 +49,16 @@ def test_damp_settings_are_checked_and_belong_to_aevlp():
                          (["--negative-ratio", "1.5"], "--negative-ratio must be <= 1.0"),
                          (["--grid-size", "0"], "--grid-size must be >= 1")):
         with pytest.raises(main_clip.RunError, match=message):
-            main_clip.resolve_config(parser.parse_args(["-l", "AEVLP", "--tiny-models", *bad]))
+            config_module.resolve_config(parser.parse_args(["-l", "AEVLP", "--tiny-models", *bad]))
     with pytest.raises(main_clip.RunError, match="--grid-size is a setting of AEVLP, not of -l EM_PL"):
-        main_clip.resolve_config(parser.parse_args(["-l", "EM_PL", "--grid-size", "3"]))
+        config_module.resolve_config(parser.parse_args(["-l", "EM_PL", "--grid-size", "3"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["-l", "AEVLP", "--text-gcn", "yes"])
-    assert main_clip.resolve_config(parser.parse_args(["-l", "AEVLP", "--text-gcn", "off"]))["text_gcn"] is False
+    assert config_module.resolve_config(parser.parse_args(["-l", "AEVLP", "--text-gcn", "off"]))["text_gcn"] is False
 
 
 def test_the_loss_is_gpr_with_pseudo_labels_over_the_stage_epochs():
-    config = main_clip.resolve_config(main_clip.get_args_parser().parse_args(["-l", "AEVLP"]))
+    config = config_module.resolve_config(main_clip.get_args_parser().parse_args(["-l", "AEVLP"]))
     generator = torch.Generator().manual_seed(3)
     logits = torch.randn(8, 20, generator=generator, requires_grad=True)
     observed = torch.zeros(8, 20)
@@ -110,7 +110,7 @@ def test_a_dataset_item_carries_its_view_flips(demo_root):
 # -- DAMP pseudo-labels from the cache ------------------------------------------------------------
 
 def aevlp_trainer(demo_root, tmp_path, *extra) -> engine.Trainer:
-    config = main_clip.resolve_config(demo_args(demo_root, tmp_path, "-l", "AEVLP", "--run-name", "t", *extra))
+    config = config_module.resolve_config(demo_args(demo_root, tmp_path, "-l", "AEVLP", "--run-name", "t", *extra))
     (tmp_path / "t").mkdir()
     return engine.Trainer(config, tmp_path / "t", main_clip.setup(config))
 
@@ -208,7 +208,7 @@ def test_damp_rows_of_other_ranks_arrive_at_sync_and_restart_clears_them(demo_ro
 
 def test_text_features_are_the_seeded_gcn_perturbation_of_the_teachers_prompts(demo_root, tmp_path, tiny_teacher):
     def text(*extra):
-        config = main_clip.resolve_config(demo_args(demo_root, tmp_path, "-l", "AEVLP", *extra))
+        config = config_module.resolve_config(demo_args(demo_root, tmp_path, "-l", "AEVLP", *extra))
         return pseudo_labels.DampRule.text_features(config, tiny_teacher, 20)
     raw = tiny_teacher.encode_text(aevlp_text.aevlp_prompts("pascal"), normalize=False)
     torch.testing.assert_close(text("--text-gcn", "off"), torch.nn.functional.normalize(raw, dim=-1))

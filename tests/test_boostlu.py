@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import evaluate
+import config as config_module
 import main_clip
 import models
 from conftest import demo_args, demo_argv
@@ -78,7 +79,7 @@ def test_the_readme_commands_run_boostlus_protocol():
         for scheme, delta in (("LL-R", 0.005), ("LL-Ct", 0.002), ("LL-Cp", 0.001)):
             argv = command.replace("<dataset>", dataset).replace("LL-R", scheme).split() + \
                 extra.get(scheme, "").split() + ["--tiny-models"]
-            config = main_clip.resolve_config(parser.parse_args(argv))
+            config = config_module.resolve_config(parser.parse_args(argv))
             assert {key: config[key] for key in ("head", "optimizer", "weight_decay", "lr", "head_lr_mult", "bsize",
                                                  "epochs", "max_drop", "patience", "delta_rel")} == dict(
                 head="boostlu", optimizer="adam", weight_decay=0.0, lr=1e-5, head_lr_mult=10.0, bsize=16, epochs=10,

@@ -14,8 +14,10 @@ import torch
 
 import engine
 import losses
+import config as config_module
 import main_clip
 import methods
+import reference_losses
 from conftest import demo_args, run_once_and_resumed
 from labels import LabelState
 from methods.cole import ROLE, initial_label_logits
@@ -122,7 +124,7 @@ def test_compute_loss_equals_the_plain_formula_values_and_gradients(name, seed):
     expected_value, expected_gradient = plain_loss_and_gradient(name, preds, observed, hp.ls_coef,
                                                                 hp.expected_num_pos)
     leaf = preds.clone().requires_grad_(True)
-    value = losses.compute_loss(name, leaf, observed, hp)
+    value = reference_losses.compute_loss(name, leaf, observed, hp)
     value.backward()
     assert float(value.detach()) == pytest.approx(expected_value, rel=1e-12, abs=1e-12)
     np.testing.assert_allclose(leaf.grad.numpy(), expected_gradient, rtol=1e-10, atol=1e-14)
@@ -142,7 +144,7 @@ def test_the_methods_give_compute_loss_and_the_coefficient_form_where_it_exists(
                                           observed.clamp(min=0)), epoch=1)
     loss.backward()
     reference = logits.clone().requires_grad_(True)
-    expected = losses.compute_loss(name, torch.sigmoid(reference), observed, SimpleNamespace(**config))
+    expected = reference_losses.compute_loss(name, torch.sigmoid(reference), observed, SimpleNamespace(**config))
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-10, atol=1e-14)
@@ -159,17 +161,17 @@ def test_the_methods_give_compute_loss_and_the_coefficient_form_where_it_exists(
 
 def test_an_ls_with_zero_smoothing_is_an_and_wan_weighs_negatives_by_one_over_k_minus_one():
     preds, observed = random_batch(7)
-    an = losses.compute_loss("an", preds, observed, None)
-    assert float(losses.compute_loss("an_ls", preds, observed, SimpleNamespace(ls_coef=0.0))) == pytest.approx(float(an))
+    an = reference_losses.compute_loss("an", preds, observed, None)
+    assert float(reference_losses.compute_loss("an_ls", preds, observed, SimpleNamespace(ls_coef=0.0))) == pytest.approx(float(an))
     on_pos, on_neg, _ = losses.wan_coefficients(observed)
     assert set(on_neg[observed == 0].tolist()) == {1 / 8} and set(on_pos[observed == 1].tolist()) == {1.0}
     assert on_neg[observed == -1].abs().sum() == 0 and on_pos[observed != 1].abs().sum() == 0
     with pytest.raises(ValueError, match="at least 2 classes"):
         losses.wan_coefficients(torch.zeros(3, 1))
     with pytest.raises(ValueError, match="'expected_num_pos'"):
-        losses.compute_loss("epr", preds, observed, SimpleNamespace(ls_coef=0.1))
+        reference_losses.compute_loss("epr", preds, observed, SimpleNamespace(ls_coef=0.1))
     with pytest.raises(ValueError, match="known losses: .*an_ls, wan, epr"):
-        losses.compute_loss("role", preds, observed, None)
+        reference_losses.compute_loss("role", preds, observed, None)
 
 
 def test_epr_regulariser_is_their_squared_gap_over_k_squared():
@@ -383,7 +385,7 @@ def test_role_resumed_between_the_stages_equals_the_run_in_one_go(demo_root, tmp
 def test_per_dataset_defaults_resolve(dataset, expected_num_pos, lr):
     parser = main_clip.get_args_parser()
     for name in COLE:
-        config = main_clip.resolve_config(parser.parse_args(["-l", name, "-d", dataset, "--tiny-models"]))
+        config = config_module.resolve_config(parser.parse_args(["-l", name, "-d", dataset, "--tiny-models"]))
         protocol = {key: config[key] for key in ("epochs", "bsize", "optimizer", "weight_decay", "head_lr_mult",
                                                  "patience", "max_drop", "lr")}
         assert protocol == dict(epochs=10, bsize=8, optimizer="adam", weight_decay=0.0, head_lr_mult=1.0, patience=0,
@@ -394,7 +396,7 @@ def test_per_dataset_defaults_resolve(dataset, expected_num_pos, lr):
         their_head = {"an_ls": (1e-4, 16 if dataset == "nuswide" else 8),
                       "role": (1e-3, 8 if dataset == "cub" else 16)}.get(name, (1e-4, None))
         assert (config["head_lr"], config["head_bsize"]) == their_head
-    config = main_clip.resolve_config(parser.parse_args(["-l", "role", "-d", dataset, "--expected-num-pos", "4"]))
+    config = config_module.resolve_config(parser.parse_args(["-l", "role", "-d", dataset, "--expected-num-pos", "4"]))
     assert config["expected_num_pos"] == 4.0
 
 
@@ -406,4 +408,4 @@ def test_per_dataset_defaults_resolve(dataset, expected_num_pos, lr):
 ])
 def test_flags_belong_to_their_methods_and_are_checked(argv, message):
     with pytest.raises(main_clip.RunError, match=message):
-        main_clip.resolve_config(main_clip.get_args_parser().parse_args(argv))
+        config_module.resolve_config(main_clip.get_args_parser().parse_args(argv))

@@ -12,6 +12,7 @@ import torch
 
 import datasets
 import engine
+import config as config_module
 import main_clip
 import metrics
 import models
@@ -130,7 +131,7 @@ REGULARISED = ("epr", "GR")
 
 
 def regularised_loss(name: str, logits: torch.Tensor, observed: torch.Tensor, global_batch) -> torch.Tensor:
-    config = main_clip.resolve_config(main_clip.get_args_parser().parse_args(["-l", name, "--tiny-models"]))
+    config = config_module.resolve_config(main_clip.get_args_parser().parse_args(["-l", name, "--tiny-models"]))
     labels = LabelState(observed, observed.clamp(min=0))
     method = methods.get_method(name).from_config(config, labels, stage_epochs=8)
     inputs = methods.LossInputs(logits, torch.sigmoid(logits), torch.arange(len(logits)), observed, None,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import losses
+import config as config_module
 import main_clip
 import methods
 import rundir
@@ -197,14 +198,14 @@ PUBLISHED = {
 @pytest.mark.parametrize("dataset", list(PUBLISHED))
 def test_aevlp_settings_are_each_datasets_default(dataset):
     parser = main_clip.get_args_parser()
-    config = main_clip.resolve_config(parser.parse_args(["-l", "GR", "-d", dataset, "--tiny-models"]))
+    config = config_module.resolve_config(parser.parse_args(["-l", "GR", "-d", dataset, "--tiny-models"]))
     epochs, bsize, k_schedule, q3, reg, expected_num_pos = PUBLISHED[dataset]
     expected = dict(epochs=epochs, bsize=bsize, lr=1e-5, optimizer="adam", weight_decay=0.0, head_lr_mult=10.0,
                     patience=2, max_drop=2.0, k_schedule=k_schedule, v_schedule=[0.5, 2, 0.8, 0.5], q2=0.01, q3=q3,
                     reg=reg, expected_num_pos=expected_num_pos)
     assert {key: config[key] for key in expected} == expected
     assert "lam1" not in config and "rho" not in config  # pseudo-label weights: not GR's settings
-    config = main_clip.resolve_config(parser.parse_args(["-l", "GR", "-d", dataset, "--tiny-models", "--q2", "0.5",
+    config = config_module.resolve_config(parser.parse_args(["-l", "GR", "-d", dataset, "--tiny-models", "--q2", "0.5",
                                                          "--k-schedule=-1,2,3,4", "--v-schedule", "0.1,1,0.9,2",
                                                          "--reg", "0", "--epochs", "3"]))
     assert (config["q2"], config["k_schedule"], config["v_schedule"], config["reg"], config["epochs"]) == \
@@ -219,13 +220,13 @@ def test_gr_flags_are_checked_and_belong_to_gr():
     with pytest.raises(SystemExit):
         parser.parse_args(["-l", "GR", "--v-schedule", "a,b,c,d"])
     with pytest.raises(main_clip.RunError, match="--k-schedule is a setting of GR, AEVLP, not of -l an"):
-        main_clip.resolve_config(parser.parse_args(["-l", "an", "--k-schedule", "0,1,2,3"]))
+        config_module.resolve_config(parser.parse_args(["-l", "an", "--k-schedule", "0,1,2,3"]))
     for bad, message in ((["--q2", "0"], "--q2 must be > 0"), (["--q3", "-1"], "--q3 must be >= 0.0"),
                          (["--v-schedule", "0.5,0,0.8,0.5"], "sigma0 and sigmaT must be > 0"),
                          (["--reg", "-0.1"], "--reg must be >= 0.0"),
                          (["--k-schedule", "0,inf,1,1"], "--k-schedule must be 4 finite numbers")):
         with pytest.raises(main_clip.RunError, match=message):
-            main_clip.resolve_config(parser.parse_args(["-l", "GR", "--tiny-models", *bad]))
+            config_module.resolve_config(parser.parse_args(["-l", "GR", "--tiny-models", *bad]))
     _, users = methods.all_hyperparameters()["expected_num_pos"]
     assert users == ["epr", "role", "GR", "AEVLP"]
 

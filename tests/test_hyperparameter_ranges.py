@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+import config as config_module
 import main_clip
 import methods
 from conftest import demo_argv
@@ -30,7 +31,7 @@ def kind(hyperparameter) -> str:
 
 
 def resolve(name: str, flag_value: str) -> dict:
-    return main_clip.resolve_config(main_clip.get_args_parser().parse_args(
+    return config_module.resolve_config(main_clip.get_args_parser().parse_args(
         ["--tiny-models", "-l", name, flag_value]))
 
 

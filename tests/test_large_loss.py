@@ -12,6 +12,7 @@ import torch
 
 import datasets
 import losses
+import config as config_module
 import main_clip
 import methods
 from conftest import demo_args
@@ -206,11 +207,11 @@ def test_delta_rel_is_one_flag_shared_by_the_three_methods():
 def test_permanent_ties_is_ll_cps_switch_off_by_default():
     parser = main_clip.get_args_parser()
     assert methods.all_hyperparameters()["permanent_ties"][1] == ["LL-Cp"]
-    assert main_clip.resolve_config(parser.parse_args(["-l", "LL-Cp", "--tiny-models"]))["permanent_ties"] is False
-    config = main_clip.resolve_config(parser.parse_args(["-l", "LL-Cp", "--tiny-models", "--permanent-ties", "on"]))
+    assert config_module.resolve_config(parser.parse_args(["-l", "LL-Cp", "--tiny-models"]))["permanent_ties"] is False
+    config = config_module.resolve_config(parser.parse_args(["-l", "LL-Cp", "--tiny-models", "--permanent-ties", "on"]))
     assert config["permanent_ties"] is True
     with pytest.raises(main_clip.RunError, match="--permanent-ties is a setting of LL-Cp, not of -l LL-Ct"):
-        main_clip.resolve_config(parser.parse_args(["-l", "LL-Ct", "--permanent-ties", "on"]))
+        config_module.resolve_config(parser.parse_args(["-l", "LL-Ct", "--permanent-ties", "on"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["-l", "LL-Cp", "--permanent-ties", "yes"])
 
@@ -230,23 +231,23 @@ def test_the_published_protocol_is_each_datasets_default(dataset):
     parser = main_clip.get_args_parser()
     protocol, deltas = PUBLISHED[dataset]
     for scheme, delta in zip(SCHEMES, deltas):
-        config = main_clip.resolve_config(parser.parse_args(["-l", scheme, "-d", dataset, "--tiny-models"]))
+        config = config_module.resolve_config(parser.parse_args(["-l", scheme, "-d", dataset, "--tiny-models"]))
         expected = dict(protocol, epochs=10, bsize=16, head_lr_mult=10.0, patience=0, max_drop=3.0, delta_rel=delta)
         assert {key: config[key] for key in expected} == expected
-    config = main_clip.resolve_config(parser.parse_args(["-l", "LL-Ct", "-d", dataset, "--tiny-models",
+    config = config_module.resolve_config(parser.parse_args(["-l", "LL-Ct", "-d", dataset, "--tiny-models",
                                                          "--delta-rel", "0.3", "--lr", "1e-4"]))
     assert (config["delta_rel"], config["lr"]) == (0.3, 1e-4)
 
 
 def test_delta_rel_is_checked_and_belongs_to_the_large_loss_methods():
     parser = main_clip.get_args_parser()
-    assert "delta_rel" not in main_clip.resolve_config(parser.parse_args(["-l", "an", "--tiny-models"]))
+    assert "delta_rel" not in config_module.resolve_config(parser.parse_args(["-l", "an", "--tiny-models"]))
     with pytest.raises(main_clip.RunError, match="--delta-rel is a setting of LL-R, LL-Ct, LL-Cp, not of -l an"):
-        main_clip.resolve_config(parser.parse_args(["-l", "an", "--delta-rel", "0.1"]))
+        config_module.resolve_config(parser.parse_args(["-l", "an", "--delta-rel", "0.1"]))
     with pytest.raises(main_clip.RunError, match="--delta-rel must be <= 1.0"):
-        main_clip.resolve_config(parser.parse_args(["-l", "LL-R", "--delta-rel", "20"]))
+        config_module.resolve_config(parser.parse_args(["-l", "LL-R", "--delta-rel", "20"]))
     with pytest.raises(main_clip.RunError, match="--delta-rel must be >= 0.0"):
-        main_clip.resolve_config(parser.parse_args(["-l", "LL-Cp", "--delta-rel", "-0.1"]))
+        config_module.resolve_config(parser.parse_args(["-l", "LL-Cp", "--delta-rel", "-0.1"]))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

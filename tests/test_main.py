@@ -11,6 +11,7 @@ import torch
 
 import datasets
 import engine
+import config as config_module
 import main_clip
 import methods
 import metrics
@@ -55,7 +56,7 @@ def test_every_loss_runs_and_writes_the_run_files(demo_root, tmp_path, loss):
 def test_training_learns_on_demo_data(demo_root, tmp_path):
     args = run_args(demo_root, tmp_path, "-l", "an", "--run-name", "learn", "--epochs", "4")
     summary = main_clip.main(args)
-    config = main_clip.resolve_config(run_args(demo_root, tmp_path, "-l", "an"))
+    config = config_module.resolve_config(run_args(demo_root, tmp_path, "-l", "an"))
     bench = datasets.load_benchmark(demo_root, "pascal")
     torch.manual_seed(config["seed"])
     untrained = models.build_model(config["model"], 20, tiny=True)
@@ -142,7 +143,7 @@ def test_resume_continues_the_run_as_configured(demo_root, tmp_path):
 
 def test_demo_flags_keep_what_the_user_set():
     parser = main_clip.get_args_parser()
-    given = main_clip.given_flags(parser, ["--demo", "--epochs=1", "-l", "an"])
+    given = config_module.given_flags(parser, ["--demo", "--epochs=1", "-l", "an"])
     assert given == {"demo", "epochs", "loss"}
     args = main_clip.demo_args(parser.parse_args(["--demo", "--epochs=1", "-l", "an"]), given)
     assert args.epochs == 1 and args.tiny_models and args.loss == "an" and args.num_workers == 0
@@ -158,10 +159,10 @@ def test_a_saved_config_starts_a_new_run_with_overrides(demo_root, tmp_path, cap
     first, second = (json.loads((tmp_path / name / "config.json").read_text()) for name in ("first", "again"))
     changed = {k for k in first if first[k] != second.get(k)}
     assert changed == {"run_name", "config", "beta_pos"} and second["beta_pos"] == 0.5 and second["alpha"] == 0.3
-    other_method = main_clip.apply_saved_config(main_clip.get_args_parser().parse_args(
+    other_method = config_module.apply_saved_config(main_clip.get_args_parser().parse_args(
         ["--config", str(saved), "--run-name", "an", "-l", "an"]))
     assert other_method.alpha is None and other_method.temp == 0.02  # EM_PL's own settings stay behind
-    assert main_clip.resolve_config(other_method)["loss"] == "an"
+    assert config_module.resolve_config(other_method)["loss"] == "an"
     foreign = tmp_path / "foreign.json"
     foreign.write_text(json.dumps({**first, "future_setting": 1}))
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -176,7 +177,7 @@ def test_a_saved_config_starts_a_new_run_with_overrides(demo_root, tmp_path, cap
 def test_flags_given_equal_to_their_defaults_still_override_a_saved_run(demo_root, tmp_path, capsys, monkeypatch):
     parser = main_clip.get_args_parser()
     assert parser.get_default("seed") == 0
-    saved = main_clip.resolve_config(run_args(demo_root, tmp_path, "--seed", "2", "--run-name", "r"))
+    saved = config_module.resolve_config(run_args(demo_root, tmp_path, "--seed", "2", "--run-name", "r"))
     (tmp_path / "r").mkdir()
     saved_file = tmp_path / "r" / "config.json"
     saved_file.write_text(json.dumps(saved))
@@ -187,25 +188,25 @@ def test_flags_given_equal_to_their_defaults_still_override_a_saved_run(demo_roo
     seen = {}
     monkeypatch.setattr(main_clip, "main", lambda args, given=None: seen.update(args=args, given=given))
     assert main_clip.cli(argv) == 0
-    new_run = main_clip.apply_saved_config(seen["args"], seen["given"])
+    new_run = config_module.apply_saved_config(seen["args"], seen["given"])
     assert new_run.seed == 0 and new_run.lr == saved["lr"] and new_run.epochs == saved["epochs"]
     # Without the command line's record (a Namespace built in code), a default value reads as left out.
-    assert main_clip.apply_saved_config(parser.parse_args(argv)).seed == 2
+    assert config_module.apply_saved_config(parser.parse_args(argv)).seed == 2
 
 
 def test_a_run_from_before_a_method_switch_resumes_with_the_switch_at_its_old_behaviour(demo_root, tmp_path, capsys):
-    saved = main_clip.resolve_config(run_args(demo_root, tmp_path, "-l", "LL-Cp", "--run-name", "old"))
+    saved = config_module.resolve_config(run_args(demo_root, tmp_path, "-l", "LL-Cp", "--run-name", "old"))
     assert saved.pop("permanent_ties") is False          # LL-Cp gained --permanent-ties later
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
     args = main_clip.get_args_parser().parse_args(["--output-dir", str(tmp_path), "--run-name", "old", "--resume"])
-    config = main_clip.resolve_config(main_clip.apply_resumed_config(args, {"output_dir", "run_name", "resume"}))
+    config = config_module.resolve_config(config_module.apply_resumed_config(args, {"output_dir", "run_name", "resume"}))
     assert config["permanent_ties"] is False and main_clip.prepare_run_dir(config) == tmp_path / "old"
     # Switched on, it is a different run.
     on = main_clip.get_args_parser().parse_args(["--output-dir", str(tmp_path), "--run-name", "old", "--resume",
                                                  "--permanent-ties", "on"])
     with pytest.raises(main_clip.RunError, match="permanent_ties: False -> True"):
-        main_clip.prepare_run_dir(main_clip.resolve_config(main_clip.apply_resumed_config(on)))
+        main_clip.prepare_run_dir(config_module.resolve_config(config_module.apply_resumed_config(on)))
     (tmp_path / "old" / "config.json").write_text(json.dumps({**saved, "loss": "LL-X"}))
     message = cli_error(capsys, ["--output-dir", str(tmp_path), "--run-name", "old", "--resume"])
     assert "method 'LL-X' is not one this version knows" in message

@@ -1,7 +1,7 @@
-"""The Method interface and its registry: each method's loss equals its formula (through
-``losses.compute_loss``, itself checked against plain formulas in test_losses.py), label
-changes go through ``LabelState``, stages count their own epochs, early stopping, and a new
-method plugs in through the registry alone."""
+"""The Method interface and its registry: each method's loss equals its formula (through the
+tests' reference dispatch ``reference_losses.compute_loss``, itself checked against plain formulas
+in test_losses.py), label changes go through ``LabelState``, stages count their own epochs, early
+stopping, and a new method plugs in through the registry alone."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,10 @@ import torch
 import datasets
 import engine
 import losses
+import config as config_module
 import main_clip
 import methods
+import reference_losses
 from conftest import demo_args
 from labels import LabelState
 from methods.entropy import apl_update
@@ -37,9 +39,9 @@ def random_labels(seed: int, batch: int = 7, classes: int = 6):
     return logits, observed, pseudo, clean
 
 
-# The seven losses of DESIGN section 4, reachable through losses.compute_loss; the methods added
-# since have their formulas tested in their own files (test_large_loss.py, test_cole.py).
-SEVEN = [name for name in methods.REGISTRY if name in losses.LOSS_NAMES]
+# The seven losses of DESIGN section 4, reachable through reference_losses.compute_loss; the methods
+# added since have their formulas tested in their own files (test_large_loss.py, test_cole.py).
+SEVEN = [name for name in methods.REGISTRY if name in reference_losses.LOSS_NAMES]
 
 
 @pytest.mark.parametrize("name", SEVEN)
@@ -55,8 +57,8 @@ def test_method_loss_equals_its_formula_values_and_gradients(name, epoch):
     ours = method.loss(inputs, epoch)
     ours.backward()
     reference_logits = logits.clone().requires_grad_(True)
-    reference = losses.compute_loss(name, torch.sigmoid(reference_logits), observed, SimpleNamespace(**HP),
-                                    epoch=epoch, pseudo=pseudo, true=clean)
+    reference = reference_losses.compute_loss(name, torch.sigmoid(reference_logits), observed,
+                                              SimpleNamespace(**HP), epoch=epoch, pseudo=pseudo, true=clean)
     reference.backward()
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours_logits.grad, reference_logits.grad, rtol=1e-10, atol=1e-12)
@@ -83,17 +85,17 @@ def test_the_command_line_comes_from_the_registry(tmp_path):
     flags = {option for action in parser._actions for option in action.option_strings}
     for name, (hyperparameter, users) in methods.all_hyperparameters().items():
         assert hyperparameter.flag in flags and users
-    config = main_clip.resolve_config(parser.parse_args(["-l", "an", "--tiny-models"]))
+    config = config_module.resolve_config(parser.parse_args(["-l", "an", "--tiny-models"]))
     assert "alpha" not in config and "beta" not in config  # only the chosen method's settings
-    config = main_clip.resolve_config(parser.parse_args(["-l", "EM_APL", "-d", "coco", "--tiny-models"]))
+    config = config_module.resolve_config(parser.parse_args(["-l", "EM_APL", "-d", "coco", "--tiny-models"]))
     assert (config["bsize"], config["beta"], config["warmup_epoch"], config["alpha"]) == (16, 0.9, 5, 0.1)
     assert (config["optimizer"], config["head_lr_mult"], config["patience"], config["max_drop"]) == ("adam", 1.0, 0, 0.0)
     with pytest.raises(main_clip.RunError, match="--beta is a setting of EM_APL, not of -l EM"):
-        main_clip.resolve_config(parser.parse_args(["-l", "EM", "--beta", "0.3"]))
+        config_module.resolve_config(parser.parse_args(["-l", "EM", "--beta", "0.3"]))
     with pytest.raises(main_clip.RunError, match="--alpha must be >= 0.0"):
-        main_clip.resolve_config(parser.parse_args(["-l", "EM", "--alpha", "-1"]))
+        config_module.resolve_config(parser.parse_args(["-l", "EM", "--alpha", "-1"]))
     with pytest.raises(main_clip.RunError, match="--beta-pos must be a finite number"):
-        main_clip.resolve_config(parser.parse_args(["-l", "EM_PL", "--beta-pos", "nan"]))
+        config_module.resolve_config(parser.parse_args(["-l", "EM_PL", "--beta-pos", "nan"]))
 
 
 def test_apl_turns_the_lowest_scores_into_soft_negatives_through_the_label_state():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import config as config_module
 import main_clip
 import methods
 from conftest import demo_args
@@ -87,7 +88,7 @@ def test_a_hand_edited_value_stops_a_new_run_from_it_before_its_folder_exists(
 def saved_config(demo_root: Path, folder: Path, *flags: str) -> Path:
     """A run's config.json as a run of ``flags`` on the demo data records it, at the method's
     own protocol (no training)."""
-    config = main_clip.resolve_config(main_clip.get_args_parser().parse_args(
+    config = config_module.resolve_config(main_clip.get_args_parser().parse_args(
         ["--data-root", str(demo_root), "--output-dir", str(folder / "out"), "--tiny-models", *flags]))
     path = folder / "config.json"
     path.write_text(json.dumps(config))
@@ -99,11 +100,11 @@ def test_every_methods_saved_config_reads_back_and_a_hyperparameter_of_the_wrong
         demo_root, tmp_path, loss):
     path = saved_config(demo_root, tmp_path, "-l", loss)
     config = json.loads(path.read_text())
-    assert main_clip.read_saved_config(path, "--config")["loss"] == loss     # as recorded: accepted
+    assert config_module.read_saved_config(path, "--config")["loss"] == loss     # as recorded: accepted
     for hyperparameter in methods.REGISTRY[loss].hyperparameters:
         path.write_text(json.dumps({**config, hyperparameter.name: "1"}))
         with pytest.raises(main_clip.RunError) as error:
-            main_clip.read_saved_config(path, "--config")
+            config_module.read_saved_config(path, "--config")
         assert f'{hyperparameter.flag} "1": expected' in str(error.value) and str(path) in str(error.value)
 
 
@@ -133,12 +134,12 @@ def test_a_saved_setting_left_null_is_the_default_as_when_its_flag_is_left_out(d
     path = saved_config(demo_root, tmp_path, "-l", "EM_PL")
     config = json.loads(path.read_text())
     path.write_text(json.dumps({**config, "alpha": None, "optimizer": None, "head_bsize": None}))
-    args = main_clip.apply_saved_config(main_clip.get_args_parser().parse_args(
+    args = config_module.apply_saved_config(main_clip.get_args_parser().parse_args(
         ["--config", str(path), "--run-name", "new"]), {"config", "run_name"})
-    resolved = main_clip.resolve_config(args)
+    resolved = config_module.resolve_config(args)
     assert (resolved["alpha"], resolved["optimizer"]) == (0.2, "adam")
     # A flag whose default is a value, not None, needs one.
     path.write_text(json.dumps({**config, "val_labels": None}))
     with pytest.raises(main_clip.RunError, match='--val-labels null: expected one of clean, observed'):
-        main_clip.read_saved_config(path, "--config")
+        config_module.read_saved_config(path, "--config")
 

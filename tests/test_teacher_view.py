@@ -11,6 +11,7 @@ from torchvision import transforms as T
 import caches
 import datasets
 import engine
+import config as config_module
 import main_clip
 import methods
 import teacher as teacher_module
@@ -102,8 +103,8 @@ def test_cached_pseudo_labels_equal_online_ones_for_every_flipped_batch(demo_roo
         assert torch.equal(pseudo_c, pseudo_o)
     assert cached_summary["best_test_map"] == online_summary["best_test_map"]
     # The run drew flips, and they matter: some image's pseudo-labels differ between its flips.
-    trainer = engine.Trainer(main_clip.resolve_config(demo_args(demo_root, tmp_path / "t", "-l", "EM_PL")),
-                             tmp_path / "t" / "run", main_clip.setup(main_clip.resolve_config(
+    trainer = engine.Trainer(config_module.resolve_config(demo_args(demo_root, tmp_path / "t", "-l", "EM_PL")),
+                             tmp_path / "t" / "run", main_clip.setup(config_module.resolve_config(
                                  demo_args(demo_root, tmp_path / "t", "-l", "EM_PL"))))
     trainer.make_pseudo_labels()
     labels = trainer.labels
@@ -117,7 +118,7 @@ def test_cached_pseudo_labels_equal_online_ones_for_every_flipped_batch(demo_roo
 
 def test_a_clip_tower_student_sees_the_teacher_view(demo_root, tmp_path):
     for view in ("original", "clip"):
-        config = main_clip.resolve_config(demo_args(demo_root, tmp_path / view, "-m", "clip_vision", "-l", "an",
+        config = config_module.resolve_config(demo_args(demo_root, tmp_path / view, "-m", "clip_vision", "-l", "an",
                                                     "--teacher-view", view))
         trainer = engine.Trainer(config, tmp_path / view / "run", main_clip.setup(config))
         stage = trainer.build_stage(engine.END_TO_END, 1)

@@ -14,6 +14,7 @@ from transformers import CLIPConfig, CLIPModel
 
 import checkpoint
 import hf_clip
+import config as config_module
 import main_clip
 import models
 import rundir
@@ -224,10 +225,10 @@ def test_make_text_features_with_a_named_teacher(tmp_path, capsys, tiny_teacher)
     np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
     # Its own file beside the default teacher's, the one a run with that teacher reads by default.
     assert out == tmp_path / "pascal" / f"VOC20text_feature_labelonly_{OTHER}.npy"
-    config = main_clip.resolve_config(main_clip.get_args_parser().parse_args(
+    config = config_module.resolve_config(main_clip.get_args_parser().parse_args(
         ["-d", "pascal", "--data-root", str(tmp_path), "--teacher", OTHER]))
     assert config["text_features"] == str(out)
-    assert main_clip.resolve_config(main_clip.get_args_parser().parse_args(
+    assert config_module.resolve_config(main_clip.get_args_parser().parse_args(
         ["-d", "pascal", "--data-root", str(tmp_path)]))["text_features"] == str(
         tmp_path / "pascal" / "VOC20text_feature_labelonly.npy")
     with pytest.raises(SystemExit):
@@ -239,12 +240,12 @@ def test_make_text_features_with_a_named_teacher(tmp_path, capsys, tiny_teacher)
 # ---------------------------------------------------------------------------------------------
 
 def test_teacher_flag_defaults_from_the_method_and_is_checked(demo_root, tmp_path, capsys):
-    config = main_clip.resolve_config(demo_args(demo_root, tmp_path))
+    config = config_module.resolve_config(demo_args(demo_root, tmp_path))
     assert config["teacher"] == models.DEFAULT_TEACHER
     full = ["-d", "pascal", "--data-root", str(demo_root), "--output-dir", str(tmp_path), "-m", "clip_vision"]
     parser = main_clip.get_args_parser()
-    assert main_clip.resolve_config(parser.parse_args(full))["image_size"] == 336
-    assert main_clip.resolve_config(parser.parse_args(full + ["--teacher", OTHER]))["image_size"] == 224
+    assert config_module.resolve_config(parser.parse_args(full))["image_size"] == 336
+    assert config_module.resolve_config(parser.parse_args(full + ["--teacher", OTHER]))["image_size"] == 224
     with pytest.raises(SystemExit):
         parser.parse_args(full + ["--teacher", "RN50"])
     assert "invalid choice: 'RN50'" in capsys.readouterr().err

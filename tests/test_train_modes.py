@@ -10,9 +10,11 @@ import torch
 import datasets
 import engine
 import losses
+import config as config_module
 import main_clip
 import methods
 import models
+import reference_losses
 from conftest import demo_args
 
 
@@ -21,7 +23,7 @@ def args_for(demo_root, out, *extra):
 
 
 def make_run(demo_root, out, *extra) -> engine.Trainer:
-    config = main_clip.resolve_config(args_for(demo_root, out, *extra))
+    config = config_module.resolve_config(args_for(demo_root, out, *extra))
     run_dir = main_clip.prepare_run_dir(config)
     run_dir.mkdir(parents=True)
     return engine.Trainer(config, run_dir, main_clip.setup(config))
@@ -193,7 +195,7 @@ def test_written_out_head_step_equals_autograd_step():
     optimizers = [torch.optim.Adam(head.parameters(), lr=1e-2, fused=True) for head in heads]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for step in range(6):
-        coefficients = losses.loss_coefficients("EM_PL", observed[step], hp, pseudo=pseudo[step])
+        coefficients = reference_losses.loss_coefficients("EM_PL", observed[step], hp, pseudo=pseudo[step])
         loss_of = lambda logits, preds: losses.mean_loss(losses.combine(preds, *coefficients))  # noqa: E731
         preds, loss = engine.train_step(heads[0], optimizers[0], scaler, features[step], loss_of,
                                            contextlib.nullcontext())

@@ -1,0 +1,316 @@
+"""The run's configuration: the flags, and how a run's settings are resolved and read back.
+
+``get_args_parser`` holds every flag (each method's own flags come from the ``methods``
+registry). ``resolve_config`` fills the method's per-dataset defaults and protocol where the user
+set nothing and checks every value; the result is what config.json records. A saved
+configuration (``--config FILE``, ``--resume``) is read by ``read_saved_config``, checked as its
+flags would be, completed with the settings its version did not record yet
+(``as_recorded_now``) and merged with the flags given on the command line (``given_flags``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import datasets
+import engine
+import methods
+import models
+import pseudo_labels
+import rundir
+import teacher as teacher_module
+from errors import RunError
+
+
+def _method_help() -> str:
+    return "; ".join(f"{name}: {method.description}" for name, method in methods.REGISTRY.items())
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="VLPL and the single-positive multi-label methods",
+                                add_help=add_help)
+    p.add_argument("-d", "--dataset", default="pascal", choices=sorted(datasets.DATASETS), help="benchmark to train on")
+    p.add_argument("-l", "--loss", default="EM_PL", choices=list(methods.REGISTRY),
+                   help=f"single-positive method (EM_PL is VLPL). {_method_help()}")
+    p.add_argument("-g", "--gpu", type=int, default=0, help="CUDA device index; without CUDA the run uses the CPU")
+    p.add_argument("-m", "--model", default="resnet50", choices=models.BACKBONES, help="trainable backbone")
+    p.add_argument("--head", default="linear", choices=list(models.HEADS),
+                   help="classifier head: " + "; ".join(f"{name}: {head.description}" for name, head in models.HEADS.items()))
+    p.add_argument("-t", "--temp", type=float, default=0.01, help="softmax temperature of the CLIP similarities")
+    p.add_argument("-th", "--threshold", type=float, default=0.3, help="similarity above which a class becomes a positive pseudo-label")
+    p.add_argument("-p", "--partial", type=float, default=0.0, help="fraction of classes (lowest similarity) that become negative pseudo-labels")
+    p.add_argument("-s", "--seed", type=int, default=0, help="torch seed (the literature averages 0, 1 and 8)")
+    p.add_argument("--teacher-view", choices=list(teacher_module.TEACHER_VIEWS), default="original",
+                   help="the teacher's input: original (as published: the student's 448 px ImageNet-normalised "
+                        "image resized on the tensor to the teacher's 336 or 224) or clip (CLIP normalisation, "
+                        "direct resize; moves the numbers); a CLIP-tower student sees the same view")
+    p.add_argument("--teacher", choices=list(models.TEACHERS), default=None,
+                   help="the CLIP teacher, whose tower clip_vision copies (per method; VLPL: "
+                        f"{models.DEFAULT_TEACHER}): "
+                        + "; ".join(f"{name}: open_clip {spec.open_clip_name} with OpenAI's weights, {spec.description}"
+                                    for name, spec in models.TEACHERS.items()))
+    methods.add_hyperparameter_arguments(p)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", default="data", help="folder holding one sub-folder per dataset")
+    g.add_argument("--text-features", default=None, help="K x D .npy of class text features (default: the dataset's file in its folder)")
+    g.add_argument("--cache-dir", default=None, help="where the teacher-embedding and feature caches go (default: <data-root>/<dataset>/cache)")
+    g.add_argument("--val-frac", type=float, default=0.2, help="share of the official train set held out for validation")
+    g.add_argument("--split-seed", type=int, default=1200, help="seed of the train/val split")
+    g.add_argument("--subsample-seed", type=int, default=999, help="seed of the train/val subsampling")
+    g.add_argument("--train-frac", type=float, default=1.0, help="fraction of the train split kept")
+    g.add_argument("--val-frac-keep", type=float, default=1.0, help="fraction of the val split kept")
+    g.add_argument("--val-labels", choices=("clean", "observed"), default="clean", help="labels that score the val split for model selection")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="input size override (default: the backbone's, 448; clip_vision: the teacher's, 336 or 224)")
+    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader worker processes")
+
+    g = p.add_argument_group("training (defaults: the method's published protocol per dataset)")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs (of each stage; VLPL: 10)")
+    g.add_argument("--bsize", type=int, default=None, help="batch size (VLPL: 8; EM_APL per dataset)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate of the backbone (per method and dataset)")
+    g.add_argument("--optimizer", choices=sorted(engine.OPTIMIZERS), default=None,
+                   help="optimizer (VLPL: adam; sgd has momentum 0.9)")
+    g.add_argument("--weight-decay", type=float, default=None, help="weight decay of the optimizer (VLPL: 0)")
+    g.add_argument("--head-lr-mult", type=float, default=None, help="the head's learning rate as a multiple of --lr (VLPL: 1)")
+    g.add_argument("--patience", type=int, default=None,
+                   help="stop a stage after this many epochs without a new best val mAP (0: never; VLPL: 0)")
+    g.add_argument("--max-drop", type=float, default=None,
+                   help="stop a stage when val mAP falls more than this many points below its best (0: never; VLPL: 0)")
+    g.add_argument("--pseudo-labels", choices=("cached", "online"), default="cached",
+                   help="cached: teacher once per image and flip before training; online: teacher on every augmented batch (original)")
+    g.add_argument("--test-every-epoch", action="store_true", help="run the test phase every epoch, not only on a new best")
+    g.add_argument("--train-mode", choices=sorted(engine.TRAIN_MODES), default="end_to_end",
+                   help="end_to_end; linear_fixed_features: only the head, on cached frozen features; "
+                        "linear_init: --head-epochs of that, then --epochs end to end from the best head")
+    g.add_argument("--model-selection", choices=("final_stage", "all_stages"), default="final_stage",
+                   help="the epochs that compete for best.pt and the reported test mAP: those of the final stage "
+                        "(Cole et al.'s linear_init reports its fine-tuning stage) or of every stage")
+    g.add_argument("--head-epochs", type=int, default=25, help="linear_init: head-only epochs before fine-tuning (Cole et al.: 25)")
+    g.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of head-only epochs (frozen-feature modes; per method, VLPL: 1e-4)")
+    g.add_argument("--head-bsize", type=int, default=None,
+                   help="global batch of head-only epochs (frozen-feature modes; per method, else --bsize)")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="mixed precision for forward passes (fp16 with a gradient scaler, CUDA only)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm), as "
+                        "one process computes them; without it each process normalises over its own share")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace :4096:8): on "
+                        "CUDA a resumed run then repeats the uninterrupted one exactly; slower")
+
+    g = p.add_argument_group("weights and outputs")
+    g.add_argument("--backbone-weights", default=None, help="local weights file for resnet50 / convnext backbones")
+    g.add_argument("--clip-weights", default=None,
+                   help="local weights of the --teacher CLIP (OpenAI .pt, a state dict, or a Hugging Face transformers folder)")
+    g.add_argument("--tiny-models", action="store_true", help="tiny randomly initialised models of the same classes (tests, demo)")
+    g.add_argument("--output-dir", default="results", help="folder that receives one sub-folder per run")
+    g.add_argument("--run-name", default=None, help="run folder name (default <dataset>_<model>_<loss>_seed<seed>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in the run folder from its last.pt")
+    g.add_argument("--config", default=None, metavar="CONFIG_JSON",
+                   help="start a new run from a run's config.json; flags set to other than their defaults override it "
+                        "(needs a new --run-name)")
+    g.add_argument("--demo", action="store_true", help="build a tiny synthetic VOC-layout dataset and train tiny models on it")
+    return p
+
+
+# What a saved configuration never carries over: the run's name, and what to do with it.
+_NOT_CARRIED = {"resume", "config", "run_name"}
+_LOCATION = rundir.LOCATION_SETTINGS
+
+
+def _flag_defaults() -> dict:
+    return {action.dest: action.default for action in get_args_parser()._actions
+            if action.option_strings and action.dest != "help"}
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What config.json holds for a flag of each argparse type (None: argparse's default, the text
+# itself). A type of its own (methods.base.on_off, methods.gr.FloatList) says it: accepts, json_form.
+_JSON_FORMS = {int: (_is_integer, "an integer"), float: (_is_number, "a number"),
+               str: (lambda value: isinstance(value, str), "a string")}
+_JSON_FORMS[None] = _JSON_FORMS[str]
+_SWITCH_FORM = (lambda value: isinstance(value, bool), "true or false")     # a store_true flag
+
+
+def _saved_value_problem(action: argparse.Action, value) -> str | None:
+    """What a config.json value lacks that the flag's own values have (None: nothing): the
+    checks argparse makes of the flag's text, made of the JSON value."""
+    if value is None and action.default is None:
+        return None     # as when the flag is left out: the method's or the run's default
+    if action.choices is not None:
+        return None if isinstance(value, str) and value in action.choices else \
+            f"expected one of {', '.join(action.choices)}"
+    if isinstance(action, argparse._StoreTrueAction):
+        accepts, form = _SWITCH_FORM
+    elif action.type in _JSON_FORMS:
+        accepts, form = _JSON_FORMS[action.type]
+    else:
+        accepts, form = action.type.accepts, action.type.json_form
+    return None if accepts(value) else f"expected {form}"
+
+
+def _check_saved_values(saved: dict, path: Path, what: str) -> None:
+    """Each saved value as the flags' own checks would take it, and no other method's settings:
+    a hand-edited value is refused before any work, as the flag would be."""
+    actions = {action.dest: action for action in get_args_parser()._actions if action.dest in saved}
+    for key, value in saved.items():
+        problem = _saved_value_problem(actions[key], value)
+        if problem:
+            raise RunError(f"{what} {path}: {'/'.join(actions[key].option_strings)} {json.dumps(value)}: {problem}")
+    own = {h.name for h in methods.REGISTRY[saved["loss"]].hyperparameters}
+    for name, (hyperparameter, users) in methods.all_hyperparameters().items():
+        # resolve_config never records them: such a value would be dropped without a word.
+        if name not in own and saved.get(name) is not None:
+            raise RunError(f"{what} {path}: {hyperparameter.flag} is a setting of {', '.join(users)}, "
+                           f"not of -l {saved['loss']}")
+
+
+def read_saved_config(path: Path, what: str) -> dict:
+    """A run's config.json, checked: one line naming the file when it cannot be used."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RunError(f"{what} {path}: cannot read a run configuration ({error})") from error
+    if not isinstance(saved, dict) or "loss" not in saved or "dataset" not in saved:
+        raise RunError(f"{what} {path}: not a run's config.json (no loss / dataset)")
+    unknown = sorted(set(saved) - set(_flag_defaults()))
+    if unknown:
+        raise RunError(f"{what} {path}: settings this version does not know ({', '.join(unknown)}): "
+                       f"a config.json from an incompatible version")
+    if not isinstance(saved["loss"], str) or saved["loss"] not in methods.REGISTRY:
+        raise RunError(f"{what} {path}: method {saved['loss']!r} is not one this version knows "
+                       f"({', '.join(methods.REGISTRY)})")
+    _check_saved_values(saved, path, what)
+    return as_recorded_now(saved)
+
+
+def _with_saved(args: argparse.Namespace, saved: dict, given: set[str] | None,
+                not_carried: set[str] = _NOT_CARRIED) -> argparse.Namespace:
+    """``args`` with the saved settings wherever a flag was not ``given`` (None: wherever a flag
+    was left at its default); the saved method's own settings only when the method stays the same."""
+    if given is None:
+        given = {dest for dest, default in _flag_defaults().items() if getattr(args, dest) != default}
+    method = methods.get_method(args.loss if "loss" in given else saved["loss"])
+    other_methods = set(methods.all_hyperparameters()) - {h.name for h in method.hyperparameters}
+    args = argparse.Namespace(**vars(args))
+    for key, value in saved.items():
+        if key not in given and key not in other_methods and key not in not_carried:
+            setattr(args, key, value)
+    return args
+
+
+def apply_saved_config(args: argparse.Namespace, given: set[str] | None = None) -> argparse.Namespace:
+    """``--config FILE``: a new run with the saved run's settings, the ``given`` flags overriding
+    them (None: those set to other than their defaults)."""
+    path = Path(args.config)
+    saved = read_saved_config(path, "--config")
+    if args.run_name is None:
+        raise RunError(f"--config {path} starts a new run: give it a new --run-name")
+    return _with_saved(args, saved, given)
+
+
+def default_run_name(args: argparse.Namespace) -> str:
+    return f"{args.dataset}_{args.model}_{args.loss}_seed{args.seed}"
+
+
+def apply_resumed_config(args: argparse.Namespace, given: set[str] | None = None) -> argparse.Namespace:
+    """``--resume``: the run continues as its config.json says, the ``given`` flags (None: those
+    set to other than their defaults) overriding it (``prepare_run_dir`` refuses those that change
+    what it computes)."""
+    run_dir = rundir.run_dir_for(args.output_dir, args.run_name or default_run_name(args))
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise RunError(f"--resume: {run_dir} holds no run (no config.json); start the run without --resume")
+    # The folder is where the command line says it is now (it may have been moved or renamed).
+    return _with_saved(args, read_saved_config(config_file, "--resume:"), given, _NOT_CARRIED | _LOCATION)
+
+
+def resolve_config(args: argparse.Namespace) -> dict:
+    """The method's per-dataset defaults and protocol where the user set nothing; the result is
+    what config.json records (the chosen method's settings only)."""
+    method = methods.get_method(args.loss)
+    config = dict(vars(args))
+    config.pop("demo")
+    own = {hyperparameter.name for hyperparameter in method.hyperparameters}
+    for name, (hyperparameter, users) in methods.all_hyperparameters().items():
+        if name not in own and config.pop(name) is not None:
+            raise RunError(f"{hyperparameter.flag} is a setting of {', '.join(users)}, not of -l {args.loss}")
+    for key, value in method.defaults(args.dataset).items():
+        if config.get(key) is None:
+            config[key] = value
+    if config["image_size"] is None:
+        config["image_size"] = models.input_size(args.model, tiny=args.tiny_models, teacher=config["teacher"])
+    if config["run_name"] is None:
+        config["run_name"] = default_run_name(args)
+    info = datasets.get_dataset_info(args.dataset)
+    if config["text_features"] is None:
+        config["text_features"] = str(datasets.dataset_dir(args.data_root, args.dataset)
+                                      / teacher_module.text_features_file(info, config["teacher"]))
+    if config["cache_dir"] is None:
+        config["cache_dir"] = str(datasets.dataset_dir(args.data_root, args.dataset) / "cache")
+    _check_values(config)
+    try:
+        method.check_config(config)
+        if method.needs_pseudo_labels:
+            pseudo_labels.RULES[method.pseudo_label_rule].check_config(config)
+    except ValueError as error:
+        raise RunError(str(error)) from error
+    return config
+
+
+def _check_values(config: dict) -> None:
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RunError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
+    positive = ["epochs", "bsize", "lr", "temp", "image_size", "head_epochs", "head_lr", "head_lr_mult"]
+    if config["head_bsize"] is not None:
+        positive.append("head_bsize")
+    for key in positive:
+        if not config[key] > 0:
+            raise RunError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
+    for key in ("patience", "max_drop", "num_workers", "weight_decay"):
+        if not config[key] >= 0:
+            raise RunError(f"--{key.replace('_', '-')} must be >= 0, got {config[key]}")
+    if not 0.0 <= config["partial"] < 1.0:
+        raise RunError(f"-p/--partial must be in [0, 1), got {config['partial']}")
+    if not 0.0 < config["threshold"] <= 1.0:
+        raise RunError(f"-th/--threshold must be in (0, 1] (a softmax probability), got {config['threshold']}")
+    if config["pseudo_labels"] == "online" and config["train_mode"] != "end_to_end":
+        raise RunError("--pseudo-labels online recomputes pseudo-labels on augmented images: it needs --train-mode end_to_end")
+
+
+def as_recorded_now(config: dict) -> dict:
+    """``config`` with the settings its version did not record yet at the values that version ran
+    with (``rundir.ADDED_SETTINGS``, and the switches its method gained since at the defaults that
+    reproduce what it did before them): how a resume and the comparisons of checkpoints read it."""
+    loss = config.get("loss")
+    method = methods.REGISTRY.get(loss) if isinstance(loss, str) else None
+    gained = {h.name: h.default for h in method.hyperparameters if h.default is not None} if method else {}
+    return {**gained, **rundir.with_added_settings(config)}
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """Destinations the user set on the command line: the demo fills only the others, and they
+    override a saved configuration."""
+    quiet = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
+            if isinstance(action, argparse._StoreTrueAction):
+                kwargs["action"] = "store_true"
+            else:
+                kwargs.update(type=action.type, choices=action.choices)
+            quiet.add_argument(*action.option_strings, **kwargs)
+    return set(vars(quiet.parse_args(argv)))
