@@ -10,6 +10,7 @@ import os
 import stat
 import struct
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,128 +30,48 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PHASES = ("train", "val")
 
 # ----------------------------------------------------------------------------------------------
-# Class lists
-# ----------------------------------------------------------------------------------------------
-
-# The names used in the VOC ImageSets/Main file names, in class-index order (DESIGN section 3).
-VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)
-_VOC_READABLE = {"diningtable": "dining table", "pottedplant": "potted plant",
-                 "tvmonitor": "tv monitor"}
-VOC_CLASS_NAMES = tuple(_VOC_READABLE.get(name, name) for name in VOC_CLASSES)
-
-# COCO 2014 category names in the order of the annotation JSON's ``categories`` list.
-COCO_CLASS_NAMES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)
-
-# NUS-WIDE Concepts81 in the official (alphabetical) order used by the pre-formatted files;
-# preproc/format_nuswide.py refuses a Concepts81.txt that differs from it.
-NUSWIDE_CLASS_NAMES = (
-    "airport", "animal", "beach", "bear", "birds", "boats", "book", "bridge", "buildings", "cars",
-    "castle", "cat", "cityscape", "clouds", "computer", "coral", "cow", "dancing", "dog",
-    "earthquake", "elk", "fire", "fish", "flags", "flowers", "food", "fox", "frost", "garden",
-    "glacier", "grass", "harbor", "horses", "house", "lake", "leaf", "map", "military", "moon",
-    "mountain", "nighttime", "ocean", "person", "plane", "plants", "police", "protest",
-    "railroad", "rainbow", "reflection", "road", "rocks", "running", "sand", "sign", "sky", "snow",
-    "soccer", "sports", "statue", "street", "sun", "sunset", "surf", "swimmers", "tattoo",
-    "temple", "tiger", "tower", "town", "toy", "train", "tree", "valley", "vehicle", "water",
-    "waterfall", "wedding", "whales", "window", "zebra",
-)
-
-# CUB-200-2011 attributes.txt, written as its 28 groups (in file order) so the 312 names are
-# checkable by eye; ``has_<group>::<value>`` is the raw attribute name.
-_CUB_COLORS = ("blue", "brown", "iridescent", "purple", "rufous", "grey", "yellow", "olive",
-               "green", "pink", "orange", "black", "white", "red", "buff")
-_CUB_EYE_COLORS = tuple(c for c in _CUB_COLORS if c != "iridescent")
-_CUB_PATTERNS = ("solid", "spotted", "striped", "multi-colored")
-_CUB_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("bill_shape", ("curved_(up_or_down)", "dagger", "hooked", "needle", "hooked_seabird",
-                    "spatulate", "all-purpose", "cone", "specialized")),
-    ("wing_color", _CUB_COLORS),
-    ("upperparts_color", _CUB_COLORS),
-    ("underparts_color", _CUB_COLORS),
-    ("breast_pattern", _CUB_PATTERNS),
-    ("back_color", _CUB_COLORS),
-    ("tail_shape", ("forked_tail", "rounded_tail", "notched_tail", "fan-shaped_tail",
-                    "pointed_tail", "squared_tail")),
-    ("upper_tail_color", _CUB_COLORS),
-    ("head_pattern", ("spotted", "malar", "crested", "masked", "unique_pattern", "eyebrow",
-                      "eyering", "plain", "eyeline", "striped", "capped")),
-    ("breast_color", _CUB_COLORS),
-    ("throat_color", _CUB_COLORS),
-    ("eye_color", _CUB_EYE_COLORS),
-    ("bill_length", ("about_the_same_as_head", "longer_than_head", "shorter_than_head")),
-    ("forehead_color", _CUB_COLORS),
-    ("under_tail_color", _CUB_COLORS),
-    ("nape_color", _CUB_COLORS),
-    ("belly_color", _CUB_COLORS),
-    ("wing_shape", ("rounded-wings", "pointed-wings", "broad-wings", "tapered-wings",
-                    "long-wings")),
-    ("size", ("large_(16_-_32_in)", "small_(5_-_9_in)", "very_large_(32_-_72_in)",
-              "medium_(9_-_16_in)", "very_small_(3_-_5_in)")),
-    ("shape", ("upright-perching_water-like", "chicken-like-marsh", "long-legged-like",
-               "duck-like", "owl-like", "gull-like", "hummingbird-like", "pigeon-like",
-               "tree-clinging-like", "hawk-like", "sandpiper-like", "upland-ground-like",
-               "swallow-like", "perching-like")),
-    ("back_pattern", _CUB_PATTERNS),
-    ("tail_pattern", _CUB_PATTERNS),
-    ("belly_pattern", _CUB_PATTERNS),
-    ("primary_color", _CUB_COLORS),
-    ("leg_color", _CUB_COLORS),
-    ("bill_color", _CUB_COLORS),
-    ("crown_color", _CUB_COLORS),
-    ("wing_pattern", _CUB_PATTERNS),
-)
-CUB_ATTRIBUTE_KEYS = tuple(f"has_{group}::{value}" for group, values in _CUB_GROUPS
-                           for value in values)
-
-
-def _cub_readable(group: str, value: str) -> str:
-    """A short phrase for one attribute: ('bill_shape', 'dagger') -> 'dagger bill shape'."""
-    text = value.replace("_", " ")
-    part = group.replace("_", " ")
-    if group == "tail_shape":            # values already name the part: 'forked tail'
-        return text
-    if group == "wing_shape":            # 'rounded-wings' -> 'rounded wings'
-        return text.replace("-wings", " wings")
-    if group == "bill_length":           # 'bill longer than head'
-        return f"bill {text}"
-    if group == "size":                  # 'large size (16 - 32 in)'
-        word, _, rest = text.partition(" (")
-        return f"{word} size ({rest}"
-    if group == "head_pattern" and value == "unique_pattern":
-        return "unique head pattern"
-    return f"{text} {part}"
-
-
-CUB_CLASS_NAMES = tuple(_cub_readable(group, value) for group, values in _CUB_GROUPS
-                        for value in values)
-
-
-# ----------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------
 
+# classnames/<dataset>.txt: one class a line, in class-index order (classnames/README.md).
+CLASS_NAMES_DIR = Path(__file__).resolve().parent / "classnames"
+
+
+def read_class_names(path: str | os.PathLike) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(release names, readable names) of a class-name file. A line is the name the dataset's
+    release uses, then, after a tab, the readable name where it differs. ValueError naming the
+    file and line for an empty or malformed line, or a name given twice."""
+    path = Path(path)
+    release, readable = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split("\t")
+        if len(fields) > 2 or not all(field and field == field.strip() for field in fields):
+            raise ValueError(f"{path}:{number}: expected NAME or NAME<tab>READABLE NAME, got {line!r}")
+        release.append(fields[0])
+        readable.append(fields[-1])
+    for names in (release, readable):
+        doubled = sorted(name for name, count in Counter(names).items() if count > 1)
+        if doubled:
+            raise ValueError(f"{path}: class name(s) given twice: {', '.join(doubled)}")
+    return tuple(release), tuple(readable)
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    name: str                      # 'pascal' | 'coco' | 'nuswide' | 'cub'
-    class_names: tuple[str, ...]   # readable names in class-index order (K of them)
+    """A benchmark's facts, the one place other modules read them from."""
+    name: str                      # registry key and folder name under the data root
+    paper_title: str               # its column title in the paper's tables
+    class_names: tuple[str, ...]   # readable names in class-index order (K of them): prompts, plots
+    release_names: tuple[str, ...]  # the same classes as the raw release names them (preproc/ checks them)
     image_root: str                # relative to the dataset folder
     text_feature_file: str         # default text-feature file name
     format_command: str            # what makes the formatted files (for error messages)
+
+    @classmethod
+    def from_class_names_file(cls, name: str, **facts) -> DatasetInfo:
+        """The dataset ``name`` with its class names read from classnames/<name>.txt."""
+        release, readable = read_class_names(CLASS_NAMES_DIR / f"{name}.txt")
+        return cls(name=name, class_names=readable, release_names=release, **facts)
 
     @property
     def num_classes(self) -> int:
@@ -169,21 +90,43 @@ class DatasetInfo:
                 f"--data-root {data_root}")
 
 
-DATASETS: dict[str, DatasetInfo] = {
-    "pascal": DatasetInfo("pascal", VOC_CLASS_NAMES, "VOCdevkit/VOC2012/JPEGImages",
-                          "VOC20text_feature_labelonly.npy", "python preproc/format_pascal.py"),
-    # COCO image paths already start with 'train2014/' or 'val2014/': the root is the folder.
-    "coco": DatasetInfo("coco", COCO_CLASS_NAMES, "", "CoCo80text_feature_labelonly.npy",
-                        "python preproc/format_coco.py"),
-    # Both routes (pre-formatted files, or format_nuswide.py on the official release) give
-    # paths relative to the extracted Flickr.zip folder.
-    "nuswide": DatasetInfo("nuswide", NUSWIDE_CLASS_NAMES, "Flickr", "NUS81text_feature.npy",
-                           "put the pre-formatted NUS-WIDE files in place, or run "
-                           "python preproc/format_nuswide.py on the official release "
-                           "(see data/nuswide/README.md)"),
-    "cub": DatasetInfo("cub", CUB_CLASS_NAMES, "CUB_200_2011/images", "CUB312text_feature.npy",
-                       "python preproc/format_cub.py"),
-}
+# In the paper's column order (PAPER_TITLES). Adding a dataset: its row here, its
+# classnames/<name>.txt, data/<name>/README.md, and a row (or NO_PROTOCOL) in each method's
+# per-dataset table (methods/: the import check names the tables that lack it).
+DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
+    # VOC's release names are its ImageSets/Main file names (diningtable, ...).
+    DatasetInfo.from_class_names_file("pascal", paper_title="VOC", image_root="VOCdevkit/VOC2012/JPEGImages",
+                                      text_feature_file="VOC20text_feature_labelonly.npy",
+                                      format_command="python preproc/format_pascal.py"),
+    # COCO 2014 categories in the order of the annotation JSON's ``categories`` list; image paths
+    # already start with 'train2014/' or 'val2014/': the root is the folder.
+    DatasetInfo.from_class_names_file("coco", paper_title="COCO", image_root="",
+                                      text_feature_file="CoCo80text_feature_labelonly.npy",
+                                      format_command="python preproc/format_coco.py"),
+    # Concepts81 in the official (alphabetical) order of the pre-formatted files (format_nuswide.py
+    # refuses a Concepts81.txt that differs). Both routes (pre-formatted files, or format_nuswide.py
+    # on the official release) give paths relative to the extracted Flickr.zip folder.
+    DatasetInfo.from_class_names_file("nuswide", paper_title="NUS", image_root="Flickr",
+                                      text_feature_file="NUS81text_feature.npy",
+                                      format_command="put the pre-formatted NUS-WIDE files in place, or run "
+                                                     "python preproc/format_nuswide.py on the official release "
+                                                     "(see data/nuswide/README.md)"),
+    # CUB-200-2011's 312 attributes: release names are attributes.txt's (has_<group>::<value>),
+    # readable names short phrases ('dagger bill shape').
+    DatasetInfo.from_class_names_file("cub", paper_title="CUB", image_root="CUB_200_2011/images",
+                                      text_feature_file="CUB312text_feature.npy",
+                                      format_command="python preproc/format_cub.py"),
+)}
+
+# Dataset -> column title, in the paper's column order (instrumentation's paper table).
+PAPER_TITLES: dict[str, str] = {name: info.paper_title for name, info in DATASETS.items()}
+
+# Release names under their former constant names, for preproc/ and its tests until they read
+# DATASETS[...].release_names themselves.
+VOC_CLASSES = DATASETS["pascal"].release_names
+COCO_CLASS_NAMES = DATASETS["coco"].release_names
+NUSWIDE_CLASS_NAMES = DATASETS["nuswide"].release_names
+CUB_ATTRIBUTE_KEYS = DATASETS["cub"].release_names
 
 
 def get_dataset_info(name: str) -> DatasetInfo:

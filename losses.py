@@ -2,10 +2,10 @@
 
 Every loss but EM_PL_ASL is ``combine(preds, on_pos, on_neg, on_entropy)``, the B x K loss
 matrix L of its DESIGN row (entries a loss does not mention are 0), with coefficient matrices
-that depend on the labels only (``*_coefficients``); ``em_pl_asl_matrix`` gives EM_PL_ASL's L.
-``compute_loss`` validates the inputs once and returns the batch loss ``sum(L) / (B * K)``.
-Where masks of one loss overlap, later rules win, in the order the original code assigned them
-(e.g. for ``iun`` "true label 0" after "observed 1").
+that depend on the labels only (``*_coefficients``); ``em_pl_asl_matrix`` gives EM_PL_ASL's L;
+``mean_loss`` is the batch loss ``sum(L) / (B * K)``. Which loss a run uses, with its warm-up, is
+its method's business (``methods/``). Where masks of one loss overlap, later rules win, in the
+order the original code assigned them (e.g. for ``iun`` "true label 0" after "observed 1").
 
 Inputs: ``preds`` are probabilities (sigmoid already applied), ``observed`` is in [-1, 1]
 (+1 observed positive, 0 unobserved, -1 observed negative, values in (-1, 0) APL soft
@@ -24,12 +24,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-# The functional interface (``compute_loss``) to the seven losses of DESIGN section 4; training
-# runs them as methods (``methods/``), which add what a loss alone does not say.
-LOSS_NAMES = ("bce", "an", "iun", "EM", "EM_APL", "EM_PL", "EM_PL_ASL")
-LOSSES_NEEDING_PSEUDO = frozenset({"EM_PL", "EM_PL_ASL"})
-LOSSES_NEEDING_TRUE = frozenset({"bce", "iun"})
 
 LOG_EPSILON = 1e-5
 # Label smoothing of the pseudo-label terms of EM_PL (DESIGN: 0.9 / 0.1), as in the original.
@@ -149,134 +143,15 @@ def em_pl_asl_matrix(preds: Tensor, observed: Tensor, pseudo: Tensor, gamma_pos:
     return torch.where(unobserved & (pseudo == -1), neg_term, loss)
 
 
-def _hp(hp: Any, name: str) -> float:
-    """One hyperparameter from ``hp`` as a float, with a clear error when it is missing."""
-    if not hasattr(hp, name):
-        raise ValueError(f"loss hyperparameters: missing attribute {name!r} "
-                         f"(needs alpha, beta, beta_pos, beta_neg, gamma_pos, gamma_neg, "
-                         f"gamma_unknown, warmup_epoch)")
-    return float(getattr(hp, name))
-
-
-def _check_range(name: str, tensor: Tensor, low: float, high: float, shape,
-                 check_values: bool = True) -> Tensor | None:
-    """Shape check now; return a 0-dim bool tensor 'all values in [low, high]' (checked later).
-
-    Deferring the value checks lets ``compute_loss`` read them with one device sync per batch.
-    NaN fails the range test.
-    """
-    if not isinstance(tensor, Tensor):
-        raise ValueError(f"compute_loss: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.shape != shape:
-        raise ValueError(f"compute_loss: {name} has shape {tuple(tensor.shape)}, "
-                         f"preds has {tuple(shape)}")
-    if not check_values:
-        return None
-    if tensor.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=tensor.device)
-    low_value, high_value = torch.aminmax(tensor.detach())
-    return (low_value >= low) & (high_value <= high)
-
-
-def _warmed_up(after_warmup):
-    """VLPL's losses: plain EM while epoch <= warmup_epoch (the default 0 never warms up)."""
-    def coefficients(observed, hp, epoch, pseudo, true):
-        if epoch <= _hp(hp, "warmup_epoch"):
-            return em_coefficients(observed, _hp(hp, "alpha"))
-        return after_warmup(observed, hp, epoch, pseudo, true)
-    return coefficients
-
-
-# Loss name -> (observed, hp, epoch, pseudo, true) -> coefficients, or None where the loss is
-# not of ``combine``'s form (EM_PL_ASL after its warm-up: ``em_pl_asl_matrix``).
-_COEFFICIENTS = {
-    "bce": lambda observed, hp, epoch, pseudo, true: bce_coefficients(true),
-    "an": lambda observed, hp, epoch, pseudo, true: an_coefficients(observed),
-    "iun": lambda observed, hp, epoch, pseudo, true: iun_coefficients(observed, true),
-    "EM": lambda observed, hp, epoch, pseudo, true: em_coefficients(observed, _hp(hp, "alpha")),
-    "EM_APL": lambda observed, hp, epoch, pseudo, true: em_apl_coefficients(observed, _hp(hp, "alpha"),
-                                                                           _hp(hp, "beta")),
-    "EM_PL": _warmed_up(lambda observed, hp, epoch, pseudo, true: em_pl_coefficients(
-        observed, pseudo, _hp(hp, "alpha"), _hp(hp, "beta_pos"), _hp(hp, "beta_neg"))),
-    "EM_PL_ASL": _warmed_up(lambda observed, hp, epoch, pseudo, true: None),
-    "an_ls": lambda observed, hp, epoch, pseudo, true: an_ls_coefficients(observed, _hp(hp, "ls_coef")),
-    "wan": lambda observed, hp, epoch, pseudo, true: wan_coefficients(observed),
-    "epr": lambda observed, hp, epoch, pseudo, true: epr_coefficients(observed),  # plus _REGULARISERS["epr"]
-}
-
-
-def loss_coefficients(name: str, observed: Tensor, hp: Any, *, epoch: int = 1,
-                      pseudo: Tensor | None = None, true: Tensor | None = None) -> Coefficients | None:
-    """``combine``'s (on_pos, on_neg, on_entropy) for loss ``name``, or None where the loss is not
-    of that form (EM_PL_ASL after its warm-up). No input validation (see ``compute_loss``).
-
-    They depend on the labels only, so a training loop whose labels change only between epochs
-    can compute them once per epoch for the whole training set and index the batch's rows.
-    """
-    if name not in _COEFFICIENTS:
-        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(_COEFFICIENTS)}")
-    return _COEFFICIENTS[name](observed, hp, epoch, pseudo, true)
-
-
 def coefficient_rows(coefficients: Coefficients, index: Tensor | slice) -> Coefficients:
     """The rows ``index`` of coefficients computed for a whole label matrix (scalars stay scalars)."""
     return tuple(c[index] if isinstance(c, Tensor) else c for c in coefficients)
-
-
-def loss_matrix(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: int = 1,
-                pseudo: Tensor | None = None, true: Tensor | None = None) -> Tensor:
-    """The B x K loss matrix of loss ``name`` (no input validation; see ``compute_loss``)."""
-    coefficients = loss_coefficients(name, observed, hp, epoch=epoch, pseudo=pseudo, true=true)
-    if coefficients is not None:
-        return combine(preds, *coefficients)
-    return em_pl_asl_matrix(preds, observed, pseudo, _hp(hp, "gamma_pos"), _hp(hp, "gamma_neg"),
-                            _hp(hp, "gamma_unknown"))
 
 
 def mean_loss(matrix: Tensor) -> Tensor:
     """The batch loss sum(L) / (B*K) of a B x K loss matrix."""
     batch_size, num_classes = matrix.shape
     return matrix.sum() / max(batch_size * num_classes, 1)
-
-
-def compute_loss(name: str, preds: Tensor, observed: Tensor, hp: Any, *, epoch: int = 1,
-                 pseudo: Tensor | None = None, true: Tensor | None = None,
-                 check_values: bool = True) -> Tensor:
-    """Scalar batch loss sum(L) / (B*K) of loss ``name`` (plus its regulariser, ``_REGULARISERS``:
-    epr's), after validating the inputs.
-
-    ``check_values=False`` skips the value-range checks (names, presence and shapes are always
-    checked): for a training loop whose label matrices were validated once up front and whose
-    preds come from a sigmoid, where the range checks would cost a device sync per step.
-
-    ValueError when: the name is unknown (the message lists the known ones); a tensor is not
-    B x K like ``preds``; preds leave [0, 1] or observed leaves [-1, 1] (NaN included);
-    pseudo (EM_PL, EM_PL_ASL; required in every epoch so a missing one fails at the first
-    batch, not after the warm-up) or true (bce, iun) is missing or out of range.
-    """
-    if name not in _COEFFICIENTS:
-        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(_COEFFICIENTS)}")
-    if not isinstance(preds, Tensor) or preds.dim() != 2:
-        raise ValueError(f"compute_loss: preds must be a B x K torch.Tensor, got "
-                         f"{tuple(preds.shape) if isinstance(preds, Tensor) else type(preds).__name__}")
-    checks = {"preds must lie in [0, 1] (sigmoid probabilities, no NaN)":
-              _check_range("preds", preds, 0.0, 1.0, preds.shape, check_values),
-              "observed labels must lie in [-1, 1]":
-              _check_range("observed", observed, -1.0, 1.0, preds.shape, check_values)}
-    if name in LOSSES_NEEDING_PSEUDO:
-        if pseudo is None:
-            raise ValueError(f"loss {name!r} needs pseudo-labels (pseudo=B x K in {{-1, 0, 1}})")
-        checks["pseudo-labels must lie in [-1, 1]"] = _check_range("pseudo", pseudo, -1.0, 1.0, preds.shape, check_values)
-    if name in LOSSES_NEEDING_TRUE:
-        if true is None:
-            raise ValueError(f"loss {name!r} needs the clean labels (true=B x K 0/1)")
-        checks["true labels must lie in [0, 1]"] = _check_range("true", true, 0.0, 1.0, preds.shape, check_values)
-    # One host-device sync for all checks; only on failure look at which one it was.
-    if check_values and not bool(torch.stack(list(checks.values())).all()):
-        failed = [message for message, ok in checks.items() if not bool(ok)]
-        raise ValueError(f"compute_loss ({name}): {'; '.join(failed)}")
-    loss = mean_loss(loss_matrix(name, preds, observed, hp, epoch=epoch, pseudo=pseudo, true=true))
-    return loss + _REGULARISERS[name](preds, hp) if name in _REGULARISERS else loss
 
 
 # -- Large loss (Kim et al., CVPR 2022) -----------------------------------------------------------
@@ -329,9 +204,7 @@ def large_loss(logits: Tensor, observed: Tensor, *, scheme: str, clean_rate: flo
 
 
 # -- Cole et al. 2021 ("Multi-Label Learning from Single Positive Labels"; elijahcole/single-positive-
-# multi-label, losses.py): an_ls, wan and epr through compute_loss; ROLE's two-sided loss is role_loss.
-
-COLE_LOSS_NAMES = ("an_ls", "wan", "epr")
+# multi-label, losses.py): an_ls, wan and epr as coefficients; ROLE's two-sided loss is role_loss.
 
 
 def _indicator(mask: Tensor, like: Tensor) -> Tensor:
@@ -470,8 +343,3 @@ def gpr_loss(logits: Tensor, observed: Tensor, pseudo: Tensor | None, hp: Any, *
         loss = torch.where(negative, v_weight * nl(1 - on(negative)), loss)
     return loss.mean() + hp.reg * expected_positive_regulariser(global_batch(preds), hp.expected_num_pos)
 
-
-# What compute_loss adds to sum(L) / (B*K) (``loss_coefficients`` gives L's coefficients only).
-_REGULARISERS = {
-    "epr": lambda preds, hp: expected_positive_regulariser(preds, _hp(hp, "expected_num_pos")),
-}

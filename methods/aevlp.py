@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import damp
 import losses
-from methods.base import Hyperparameter, on_off
+from methods.base import Hyperparameter, joined_table, on_off
 from methods.cole import EXPECTED_POSITIVES
 from methods.gr import AEVLP_CONFIGS, K_SCHEDULE, Q2, Q3, REG, V_SCHEDULE, GR
 
@@ -42,8 +42,9 @@ DAMP_HYPERPARAMETERS = (
 )
 
 
-def _dataset_defaults(dataset: str) -> dict:
-    return dict(AEVLP_CONFIGS[dataset], teacher="ViT-B-16", **damp.settings_as_config(damp.DAMP_SETTINGS[dataset]))
+def _row(config: dict, damp_settings: damp.DampSettings) -> dict:
+    """A dataset's row: AEVLP's configuration, its teacher and DAMP's settings."""
+    return dict(config, teacher="ViT-B-16", **damp.settings_as_config(damp_settings))
 
 
 class AEVLP(GR):
@@ -51,7 +52,7 @@ class AEVLP(GR):
     name = "AEVLP"
     description = "AEVLP: GPR loss on DAMP pseudo-labels (CLIP ViT-B/16 on the image and a grid of tiles)"
     hyperparameters = (K_SCHEDULE, V_SCHEDULE, Q2, Q3, REG, EXPECTED_POSITIVES, LAM1, LAM2, RHO) + DAMP_HYPERPARAMETERS
-    dataset_defaults = {dataset: _dataset_defaults(dataset) for dataset in AEVLP_CONFIGS}
+    dataset_defaults = joined_table(_row, AEVLP_CONFIGS, damp.DAMP_SETTINGS)
     needs_pseudo_labels = True
     pseudo_label_rule = "damp"
 

@@ -4,7 +4,8 @@ A method declares
 * what it needs: teacher pseudo-labels, clean training labels, spatial backbone features;
 * its hyperparameters (each becomes a command-line flag) and its defaults per dataset, including
   its published protocol (learning rate, batch, epochs, optimizer, head learning-rate multiplier,
-  early stopping);
+  early stopping), in one table with an entry for every dataset of ``datasets.DATASETS``: a row,
+  or ``NO_PROTOCOL`` where nothing was published for it (the registry checks this at import);
 * its batch loss, from the batch's logits and labels, at an epoch counted within the stage;
 * what it changes after each epoch (label updates go through ``labels.LabelState``), its extra
   trainable parameters and its state for checkpoints.
@@ -41,7 +42,7 @@ class Hyperparameter:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return flag_of(self.name)
 
     def check(self, value: Any) -> None:
         if isinstance(value, float) and not math.isfinite(value):
@@ -72,12 +73,38 @@ class OnOff:
 on_off = OnOff()
 
 
+class NoProtocol:
+    """The entry of a method's per-dataset table for a dataset it has no published protocol for:
+    the user gives the settings as flags (``Method.defaults`` names them)."""
+
+    def __repr__(self) -> str:
+        return "NO_PROTOCOL"
+
+
+NO_PROTOCOL = NoProtocol()
+
+
+def joined_table(combine: Callable[..., dict], *tables: dict) -> dict:
+    """A per-dataset table made of the rows of ``tables``: ``combine(row, ...)`` for each dataset
+    they all list, NO_PROTOCOL where one of them says so. A dataset that one of them lacks is left
+    out, so that the registry's import check names the method instead of a KeyError here."""
+    shared = [dataset for dataset in tables[0] if all(dataset in table for table in tables[1:])]
+    return {dataset: NO_PROTOCOL if any(table[dataset] is NO_PROTOCOL for table in tables)
+            else combine(*(table[dataset] for table in tables)) for dataset in shared}
+
+
+def flag_of(setting: str) -> str:
+    """The command-line flag of a configuration key: ``head_lr_mult`` -> ``--head-lr-mult``."""
+    return "--" + setting.replace("_", "-")
+
+
 # The protocol every method has; a method's table overrides entries per dataset.
 PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", weight_decay=0.0, head_lr_mult=1.0, head_lr=1e-4,
                          head_bsize=None,  # None: head-only epochs use --bsize
                          patience=0, max_drop=0.0, teacher=models.DEFAULT_TEACHER)
 
-# VLPL's settings (DESIGN section 5), shared by the methods of its results table.
+# VLPL's settings (DESIGN section 5), shared by the methods of its results table: per dataset, a
+# row or NO_PROTOCOL.
 VLPL_DATASET_DEFAULTS = {
     "pascal": dict(lr=1e-5, alpha=0.2),
     "coco": dict(lr=1e-5, alpha=0.1),
@@ -105,7 +132,9 @@ class Method:
     name: ClassVar[str]
     description: ClassVar[str]
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
-    dataset_defaults: ClassVar[dict[str, dict]] = VLPL_DATASET_DEFAULTS
+    # Dataset -> its row (values of PROTOCOL_DEFAULTS' keys, "lr" and the hyperparameters; other
+    # keys are ignored, so methods can share a table) or NO_PROTOCOL. VLPL's unless a method says.
+    dataset_defaults: ClassVar[dict[str, dict | NoProtocol]] = VLPL_DATASET_DEFAULTS
     needs_pseudo_labels: ClassVar[bool] = False
     pseudo_label_rule: ClassVar[str] = "vlpl"         # which entry of pseudo_labels.RULES makes them
     needs_clean_labels: ClassVar[bool] = False
@@ -119,12 +148,62 @@ class Method:
 
     # -- configuration ---------------------------------------------------------------------------
     @classmethod
-    def defaults(cls, dataset: str) -> dict:
-        """Protocol and hyperparameter values for ``dataset`` (before the user's flags)."""
-        own = {h.name for h in cls.hyperparameters} | set(PROTOCOL_DEFAULTS) | {"lr"}
-        values = {**PROTOCOL_DEFAULTS, **{h.name: h.default for h in cls.hyperparameters if h.default is not None}}
-        values.update({k: v for k, v in cls.dataset_defaults[dataset].items() if k in own})
+    def defaults(cls, dataset: str, given: set[str] | frozenset[str] = frozenset()) -> dict:
+        """Protocol and hyperparameter values for ``dataset`` (before the user's flags). For a
+        dataset the table marks NO_PROTOCOL, the values that hold for every dataset, once
+        ``given`` (the settings the user set) holds every setting they lack; else ValueError in one
+        line naming the flags to give."""
+        values = cls.general_defaults()
+        row = cls.protocol_row(dataset)
+        if row is NO_PROTOCOL:
+            missing = [name for name in cls.settings_without_default() if name not in given]
+            if missing:
+                raise ValueError(cls.no_protocol_message(dataset, missing, given))
+            return values
+        values.update({key: value for key, value in row.items() if key in cls.settings()})
         return values
+
+    @classmethod
+    def settings(cls) -> set[str]:
+        """The configuration keys this method's table may set."""
+        return {h.name for h in cls.hyperparameters} | set(PROTOCOL_DEFAULTS) | {"lr"}
+
+    @classmethod
+    def general_defaults(cls) -> dict:
+        """The values that hold for every dataset: the common protocol and the hyperparameters' own defaults."""
+        return {**PROTOCOL_DEFAULTS, **{h.name: h.default for h in cls.hyperparameters if h.default is not None}}
+
+    @classmethod
+    def settings_without_default(cls) -> list[str]:
+        """The settings only a dataset's row or the user gives: the learning rate and the
+        hyperparameters without a default of their own."""
+        return ["lr"] + [h.name for h in cls.hyperparameters if h.default is None]
+
+    @classmethod
+    def settings_chosen_per_dataset(cls) -> list[str]:
+        """The settings with a general default that some published row of the table changes."""
+        general = cls.general_defaults()
+        rows = [row for row in cls.dataset_defaults.values() if row is not NO_PROTOCOL]
+        return [name for name in general
+                if any(name in row and row[name] != general[name] for row in rows)]
+
+    @classmethod
+    def protocol_row(cls, dataset: str) -> dict | NoProtocol:
+        """The table's entry for ``dataset``; ValueError naming the method where it has none (the
+        registry's import check makes that impossible for a registered method)."""
+        if dataset not in cls.dataset_defaults:
+            raise ValueError(f"-l {cls.name} has no entry for dataset {dataset!r} in its per-dataset table "
+                             f"(dataset_defaults): give it a row of the method's protocol, or NO_PROTOCOL")
+        return cls.dataset_defaults[dataset]
+
+    @classmethod
+    def no_protocol_message(cls, dataset: str, missing: list[str], given: set[str] | frozenset[str]) -> str:
+        """One line: the flags to give for ``dataset``, and those its published protocols choose per dataset."""
+        message = f"-l {cls.name} has no published protocol for {dataset}: give {', '.join(map(flag_of, missing))}"
+        chosen = [name for name in cls.settings_chosen_per_dataset() if name not in given]
+        if chosen:
+            message += f" (its published protocols also choose {', '.join(map(flag_of, chosen))} per dataset)"
+        return message
 
     @classmethod
     def check_config(cls, config: dict) -> None:

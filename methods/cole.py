@@ -7,12 +7,12 @@ Their protocol, as far as their ``train.py`` records it: Adam without weight dec
 classifier at one learning rate (head multiplier 1), 10 epochs end to end (25 on frozen
 features; linear_init: 25 + 10), the best epoch by val mAP without early stopping, ROLE's
 estimates at 10x the learning rate (``lr_mult``), label smoothing 0.1 and the expected positives
-per image of ``EXPECTED_NUM_POS``. The end-to-end learning rate and batch size are the best of a
+per image of ``COLE_PROTOCOL``. The end-to-end learning rate and batch size are the best of a
 search (batch 8 or 16, lr 1e-2 to 1e-5) that the code does not record per loss: the defaults
 here are this code base's (``VLPL_DATASET_DEFAULTS``). Their head-only epochs (linear_init's
 first stage) run at the best learning rate and batch of a linear_fixed_features search, which
-their code records for an_ls and ROLE (``HEAD_STAGE``): the defaults of ``--head-lr`` and
-``--head-bsize`` here, in both frozen-feature modes.
+their code records for an_ls and ROLE (``COLE_PROTOCOL``'s head_stage): the defaults of
+``--head-lr`` and ``--head-bsize`` here, in both frozen-feature modes.
 """
 from __future__ import annotations
 
@@ -21,30 +21,32 @@ import math
 import torch
 
 import losses
-from methods.base import VLPL_DATASET_DEFAULTS, CoefficientMethod, Hyperparameter, Method
+from methods.base import VLPL_DATASET_DEFAULTS, CoefficientMethod, Hyperparameter, Method, joined_table
 
-# Expected positive labels per image, their lookup['expected_num_pos'] (COCO corrected to 2.9 in
-# their commit aefa578 "Correct the value of k for COCO").
-EXPECTED_NUM_POS = {"pascal": 1.5, "coco": 2.9, "nuswide": 1.9, "cub": 31.4}
+# Per dataset (a row, or NO_PROTOCOL): the expected positive labels per image, their
+# lookup['expected_num_pos'] (COCO corrected to 2.9 in their commit aefa578 "Correct the value of k
+# for COCO"), and the (learning rate, batch) of head-only epochs of the methods whose search their
+# train.py records (linear_init_params).
+COLE_PROTOCOL = {
+    "pascal": dict(expected_num_pos=1.5, head_stage={"an_ls": (1e-4, 8), "role": (1e-3, 16)}),
+    "coco": dict(expected_num_pos=2.9, head_stage={"an_ls": (1e-4, 8), "role": (1e-3, 16)}),
+    "nuswide": dict(expected_num_pos=1.9, head_stage={"an_ls": (1e-4, 16), "role": (1e-3, 16)}),
+    "cub": dict(expected_num_pos=31.4, head_stage={"an_ls": (1e-4, 8), "role": (1e-3, 8)}),
+}
 
 # ROLE's estimates learn at this multiple of the stage's learning rate (their P['lr_mult']).
 ROLE_LR_MULT = 10.0
 
-COLE_DATASET_DEFAULTS = {dataset: dict(lr=VLPL_DATASET_DEFAULTS[dataset]["lr"], expected_num_pos=expected)
-                         for dataset, expected in EXPECTED_NUM_POS.items()}
 
-# (learning rate, batch) of head-only epochs per dataset: their train.py's linear_init_params.
-HEAD_STAGE = {
-    "an_ls": {"pascal": (1e-4, 8), "coco": (1e-4, 8), "nuswide": (1e-4, 16), "cub": (1e-4, 8)},
-    "role": {"pascal": (1e-3, 16), "coco": (1e-3, 16), "nuswide": (1e-3, 16), "cub": (1e-3, 8)},
-}
-
-
-def with_head_stage(method_name: str) -> dict:
-    """``COLE_DATASET_DEFAULTS`` with the method's head-only learning rate and batch."""
-    return {dataset: dict(values, head_lr=HEAD_STAGE[method_name][dataset][0],
-                          head_bsize=HEAD_STAGE[method_name][dataset][1])
-            for dataset, values in COLE_DATASET_DEFAULTS.items()}
+def cole_table(method_name: str) -> dict:
+    """The per-dataset table of one of their methods: this code base's learning rate (VLPL's),
+    their expected positives and, where recorded for the method, its head-only learning rate and batch."""
+    def row(vlpl: dict, cole: dict) -> dict:
+        values = dict(lr=vlpl["lr"], expected_num_pos=cole["expected_num_pos"])
+        if method_name in cole["head_stage"]:
+            values["head_lr"], values["head_bsize"] = cole["head_stage"][method_name]
+        return values
+    return joined_table(row, VLPL_DATASET_DEFAULTS, COLE_PROTOCOL)
 
 
 EXPECTED_POSITIVES = Hyperparameter(
@@ -58,7 +60,7 @@ class AssumeNegativeLabelSmoothing(CoefficientMethod):
     description = "assume negative with label smoothing (Cole et al. 2021)"
     hyperparameters = (Hyperparameter("ls_coef", float, "an_ls label smoothing coefficient", default=0.1,
                                       minimum=0.0, maximum=1.0),)
-    dataset_defaults = with_head_stage(name)
+    dataset_defaults = cole_table(name)
 
     def label_coefficients(self, observed, pseudo, clean, epoch):
         return losses.an_ls_coefficients(observed, self.hp.ls_coef)
@@ -67,7 +69,7 @@ class AssumeNegativeLabelSmoothing(CoefficientMethod):
 class WeakAssumeNegative(CoefficientMethod):
     name = "wan"
     description = "weak assume negative: unobserved labels are negatives of weight 1/(K-1) (Cole et al. 2021)"
-    dataset_defaults = COLE_DATASET_DEFAULTS
+    dataset_defaults = cole_table(name)
 
     def label_coefficients(self, observed, pseudo, clean, epoch):
         return losses.wan_coefficients(observed)
@@ -79,7 +81,7 @@ class ExpectedPositiveRegularizer(Method):
     name = "epr"
     description = "observed positives plus the expected-positive regulariser (Cole et al. 2021)"
     hyperparameters = (EXPECTED_POSITIVES,)
-    dataset_defaults = COLE_DATASET_DEFAULTS
+    dataset_defaults = cole_table(name)
 
     def loss(self, inputs, epoch):
         matrix = losses.combine(inputs.preds, *losses.epr_coefficients(inputs.observed))
@@ -116,7 +118,7 @@ class ROLE(Method):
     name = "role"
     description = "ROLE: jointly learned label estimates with the expected-positive regulariser (Cole et al. 2021)"
     hyperparameters = (EXPECTED_POSITIVES,)
-    dataset_defaults = with_head_stage(name)
+    dataset_defaults = cole_table(name)
     runs_distributed = False
 
     def __init__(self, hp, labels, stage_epochs, seed: int = 0):

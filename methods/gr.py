@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import losses
 from methods.base import Hyperparameter, Method
-from methods.cole import EXPECTED_NUM_POS, EXPECTED_POSITIVES
+from methods.cole import EXPECTED_POSITIVES
 
 
 @dataclass(frozen=True)
@@ -79,24 +79,27 @@ REG = Hyperparameter("reg", float, "GR: weight of AEVLP's expected-positive regu
                      "--expected-num-pos)^2 / K^2 (default per dataset, AEVLP's; 0: the GR loss of its own code)",
                      minimum=0.0)
 
-# AEVLP's settings per dataset: configs/pascal.json, coco.json (at its repository's root),
-# configs/nuswide.json, configs/cub.json ("beta" is (w0, wT, b0, bT), "alpha" (mu0, sigma0, muT,
-# sigmaT), "q2q3", "lam", "rho", "reg"; expected_num_pos from its config.py), and its train.py's
-# protocol: Adam, the head's learning rate 10x (lr_mult), stop after 2 epochs without a new best val
-# mAP or a drop of more than 2 points. lam1, lam2 and rho weigh pseudo-labels (AEVLP's own method).
+# AEVLP's settings per dataset (a row, or NO_PROTOCOL): configs/pascal.json, coco.json (at its
+# repository's root), configs/nuswide.json, configs/cub.json ("beta" is (w0, wT, b0, bT), "alpha"
+# (mu0, sigma0, muT, sigmaT), "q2q3", "lam", "rho", "reg"; expected_num_pos from its config.py, Cole
+# et al.'s numbers), and its train.py's protocol: Adam, the head's learning rate 10x (lr_mult), stop
+# after 2 epochs without a new best val mAP or a drop of more than 2 points. lam1, lam2 and rho weigh
+# pseudo-labels (AEVLP's own method).
 AEVLP_PROTOCOL = dict(lr=1e-5, optimizer="adam", weight_decay=0.0, head_lr_mult=10.0, patience=2, max_drop=2.0)
 AEVLP_CONFIGS = {
     "pascal": dict(AEVLP_PROTOCOL, epochs=8, bsize=8, k_schedule=(0.0, 2.0, -2.0, -2.0),
-                   v_schedule=(0.5, 2.0, 0.8, 0.5), q2=0.01, q3=1.0, lam1=0.7, lam2=0.4, rho=0.9, reg=0.05),
+                   v_schedule=(0.5, 2.0, 0.8, 0.5), q2=0.01, q3=1.0, lam1=0.7, lam2=0.4, rho=0.9, reg=0.05,
+                   expected_num_pos=1.5),
     "coco": dict(AEVLP_PROTOCOL, epochs=8, bsize=16, k_schedule=(0.0, 10.0, -2.0, -8.0),
-                 v_schedule=(0.5, 2.0, 0.8, 0.5), q2=0.01, q3=1.0, lam1=0.7, lam2=0.5, rho=0.9, reg=0.001),
+                 v_schedule=(0.5, 2.0, 0.8, 0.5), q2=0.01, q3=1.0, lam1=0.7, lam2=0.5, rho=0.9, reg=0.001,
+                 expected_num_pos=2.9),
     "nuswide": dict(AEVLP_PROTOCOL, epochs=10, bsize=16, k_schedule=(0.0, 10.0, -2.0, -8.0),
-                    v_schedule=(0.5, 2.0, 0.8, 0.5), q2=0.01, q3=1.0, lam1=0.7, lam2=0.5, rho=0.9, reg=0.001),
+                    v_schedule=(0.5, 2.0, 0.8, 0.5), q2=0.01, q3=1.0, lam1=0.7, lam2=0.5, rho=0.9, reg=0.001,
+                    expected_num_pos=1.9),
     "cub": dict(AEVLP_PROTOCOL, epochs=10, bsize=8, k_schedule=(0.0, 10.0, -2.0, -8.0),
-                v_schedule=(0.5, 2.0, 0.8, 0.5), q2=0.01, q3=1.5, lam1=0.8, lam2=0.2, rho=0.9, reg=0.01),
+                v_schedule=(0.5, 2.0, 0.8, 0.5), q2=0.01, q3=1.5, lam1=0.8, lam2=0.2, rho=0.9, reg=0.01,
+                expected_num_pos=31.4),
 }
-for _dataset, _settings in AEVLP_CONFIGS.items():  # AEVLP's config.py has Cole et al.'s numbers
-    _settings["expected_num_pos"] = EXPECTED_NUM_POS[_dataset]
 
 
 class GR(Method):
@@ -110,10 +113,10 @@ class GR(Method):
         self.loss_hp = SimpleNamespace(**vars(hp), use_pl=False)
 
     @classmethod
-    def defaults(cls, dataset):
+    def defaults(cls, dataset, given=frozenset()):
         # Lists, as --k-schedule parses and config.json reads them back (a resume compares them).
         return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in super().defaults(dataset).items()}
+                for key, value in super().defaults(dataset, given).items()}
 
     @classmethod
     def check_config(cls, config):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 import losses
-from methods.base import Hyperparameter, Method, on_off
+from methods.base import Hyperparameter, Method, joined_table, on_off
 
 DELTA_REL = Hyperparameter(
     "delta_rel", float, "LL-R, LL-Ct: the clean rate's drop after each epoch; LL-Cp: the share of each batch's "
@@ -27,26 +27,24 @@ PERMANENT_TIES = Hyperparameter(
 # Kim et al.'s protocol: batch 16, the head's learning rate 10x the backbone's, 10 epochs, stop when
 # val mAP falls more than 3 points below the best; SGD (momentum 0.9, weight decay 1e-3) on VOC,
 # Adam elsewhere; learning rates from the authors' answer in snucml/LargeLossMatters issue #4.
+# Per dataset (a row, or NO_PROTOCOL), with delta_rel per scheme: issue #4's values (0.2, 0.4, ...
+# as passed to the authors' --delta_rel, which their config.py divides by 100) as fractions.
 PROTOCOL = dict(epochs=10, bsize=16, head_lr_mult=10.0, max_drop=3.0)
-DATASET_PROTOCOL = {
-    "pascal": dict(PROTOCOL, optimizer="sgd", weight_decay=1e-3, lr=5e-3),
-    "coco": dict(PROTOCOL, optimizer="adam", weight_decay=0.0, lr=1e-5),
-    "nuswide": dict(PROTOCOL, optimizer="adam", weight_decay=0.0, lr=1e-5),
-    "cub": dict(PROTOCOL, optimizer="adam", weight_decay=0.0, lr=7.5e-5),
-}
-# delta_rel per scheme and dataset: issue #4's values (0.2, 0.4, ... as passed to the authors'
-# --delta_rel, which their config.py divides by 100) as fractions.
-DELTA_REL_DEFAULTS = {
-    "LL-R": dict(pascal=0.002, coco=0.004, nuswide=0.004, cub=0.004),
-    "LL-Ct": dict(pascal=0.002, coco=0.002, nuswide=0.002, cub=0.004),
-    "LL-Cp": dict(pascal=0.001, coco=0.002, nuswide=0.002, cub=0.002),
+LARGE_LOSS_PROTOCOL = {
+    "pascal": dict(PROTOCOL, optimizer="sgd", weight_decay=1e-3, lr=5e-3,
+                   delta_rel={"LL-R": 0.002, "LL-Ct": 0.002, "LL-Cp": 0.001}),
+    "coco": dict(PROTOCOL, optimizer="adam", weight_decay=0.0, lr=1e-5,
+                 delta_rel={"LL-R": 0.004, "LL-Ct": 0.002, "LL-Cp": 0.002}),
+    "nuswide": dict(PROTOCOL, optimizer="adam", weight_decay=0.0, lr=1e-5,
+                    delta_rel={"LL-R": 0.004, "LL-Ct": 0.002, "LL-Cp": 0.002}),
+    "cub": dict(PROTOCOL, optimizer="adam", weight_decay=0.0, lr=7.5e-5,
+                delta_rel={"LL-R": 0.004, "LL-Ct": 0.004, "LL-Cp": 0.002}),
 }
 
 
 def defaults_of(scheme: str) -> dict[str, dict]:
-    """A scheme's ``Method.dataset_defaults``: the protocol and its delta_rel per dataset."""
-    return {dataset: dict(protocol, delta_rel=DELTA_REL_DEFAULTS[scheme][dataset])
-            for dataset, protocol in DATASET_PROTOCOL.items()}
+    """A scheme's ``Method.dataset_defaults``: the protocol and the scheme's delta_rel per dataset."""
+    return joined_table(lambda row: dict(row, delta_rel=row["delta_rel"][scheme]), LARGE_LOSS_PROTOCOL)
 
 
 def clean_rate(epoch: int, delta_rel: float) -> float:

@@ -1,6 +1,7 @@
 """datasets.py: registry, formatted-file validation, benchmark loading, transforms, Datasets."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -11,28 +12,64 @@ from PIL import Image
 import datasets
 
 
+# SHA-256 of each list joined by newlines, as the class-name constants of datasets.py gave them
+# (commit 70bf5b6) before they moved into classnames/<dataset>.txt: (release names, readable names).
+CLASS_NAME_DIGESTS = {
+    "pascal": ("7d877f185c807bc51b4cfb4f4202fc0b4e1c6724b782ba245fe36f8d254f0ad7",
+               "1f7cfbcbbf2ee17b625d243bc275f90a20ae53da5e69e3bf4f7619afa5c6873b"),
+    "coco": ("d7654b26101572841ed1cd80aa03aa60e35f1b8acb4aea6906c4066886f16e07",
+             "d7654b26101572841ed1cd80aa03aa60e35f1b8acb4aea6906c4066886f16e07"),
+    "nuswide": ("454b648677332111743cef9d74eacca941c9df4c61bd2d2a273c7d466941d04b",
+                "454b648677332111743cef9d74eacca941c9df4c61bd2d2a273c7d466941d04b"),
+    "cub": ("c796938559f4ddfa613047dbbcb2c17a830f92d65e78c6160e124aa0b357d961",
+            "858e5c53f633f744f5ea26045096e847cf8bcf1b7a34d8c6f8e4a5ccc621f9ad"),
+}
+
+
+def digest(names) -> str:
+    return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
+
+
 def test_registry():
     expected = {"pascal": 20, "coco": 80, "nuswide": 81, "cub": 312}
-    assert set(datasets.DATASETS) == set(expected)
+    assert list(datasets.DATASETS) == list(expected)  # the paper's column order
+    assert datasets.PAPER_TITLES == {"pascal": "VOC", "coco": "COCO", "nuswide": "NUS", "cub": "CUB"}
     for name, k in expected.items():
         info = datasets.get_dataset_info(name)
-        assert info.name == name and info.num_classes == k
+        assert info.name == name and info.num_classes == k and len(info.release_names) == k
         assert len(set(info.class_names)) == k
+        assert (digest(info.release_names), digest(info.class_names)) == CLASS_NAME_DIGESTS[name], name
         assert not Path(info.image_root).is_absolute()
         assert info.text_feature_file.endswith(".npy")
     pascal = datasets.DATASETS["pascal"]
     assert pascal.class_names[:3] == ("aeroplane", "bicycle", "bird")
     assert pascal.class_names[10] == "dining table" and pascal.class_names[19] == "tv monitor"
-    assert datasets.COCO_CLASS_NAMES[0] == "person"
-    assert datasets.COCO_CLASS_NAMES[-1] == "toothbrush"
-    assert list(datasets.NUSWIDE_CLASS_NAMES) == sorted(datasets.NUSWIDE_CLASS_NAMES)
-    assert datasets.CUB_ATTRIBUTE_KEYS[0] == "has_bill_shape::curved_(up_or_down)"
-    assert datasets.CUB_ATTRIBUTE_KEYS[149] == "has_bill_length::about_the_same_as_head"
-    assert datasets.CUB_ATTRIBUTE_KEYS[-1] == "has_wing_pattern::multi-colored"
-    assert datasets.CUB_CLASS_NAMES[0] == "curved (up or down) bill shape"
+    assert pascal.release_names[10] == "diningtable" and datasets.VOC_CLASSES == pascal.release_names
+    coco, nuswide, cub = (datasets.DATASETS[name] for name in ("coco", "nuswide", "cub"))
+    assert coco.class_names[0] == "person" and coco.class_names[-1] == "toothbrush"
+    assert coco.release_names == coco.class_names == datasets.COCO_CLASS_NAMES
+    assert list(nuswide.class_names) == sorted(nuswide.class_names) == list(datasets.NUSWIDE_CLASS_NAMES)
+    assert cub.release_names[0] == "has_bill_shape::curved_(up_or_down)"
+    assert cub.release_names[149] == "has_bill_length::about_the_same_as_head"
+    assert cub.release_names[-1] == "has_wing_pattern::multi-colored"
+    assert datasets.CUB_ATTRIBUTE_KEYS == cub.release_names
+    assert cub.class_names[0] == "curved (up or down) bill shape"
     with pytest.raises(ValueError, match="pascal, coco, nuswide, cub"):
         datasets.get_dataset_info("voc")
     assert datasets.dataset_dir("DEMO", "pascal") == Path("DEMO") / "pascal"
+
+
+def test_class_name_files_are_read_and_checked(tmp_path):
+    """A line is NAME or NAME<tab>READABLE NAME; a malformed line or a name given twice is named."""
+    good = tmp_path / "good.txt"
+    good.write_text("diningtable\tdining table\ncat\n", encoding="utf-8")
+    assert datasets.read_class_names(good) == (("diningtable", "cat"), ("dining table", "cat"))
+    for text, message in [("cat\n\ndog\n", "bad.txt:2"), ("a\tb\tc\n", "bad.txt:1"), ("cat \n", "bad.txt:1"),
+                          ("cat\ndog\tcat\n", "given twice: cat")]:
+        bad = tmp_path / "bad.txt"
+        bad.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            datasets.read_class_names(bad)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""losses.py against an independent per-entry computation of the DESIGN section 4 formulas."""
+"""losses.py's formulas, reached by loss name through the tests' reference dispatch
+(reference_losses.py), against an independent per-entry computation of the DESIGN section 4 formulas."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import losses
+import reference_losses
 
 HP = SimpleNamespace(alpha=0.2, beta=0.4, beta_pos=0.7, beta_neg=0.3, gamma_pos=2.0, gamma_neg=4.0,
                      gamma_unknown=4.0, warmup_epoch=2)
@@ -93,26 +95,26 @@ def consistent_true(observed: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     return torch.where(observed == 1, torch.ones_like(true), true)
 
 
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", reference_losses.LOSS_NAMES)
 @pytest.mark.parametrize("epoch", [1, 2, 3, 10])
 @pytest.mark.parametrize("soft_negatives", [False, True])
 def test_loss_matches_elementwise_reference(name, epoch, soft_negatives):
     for seed in range(3):
         preds, observed, pseudo, true = random_batch(seed + 10 * epoch, soft_negatives=soft_negatives)
         true = consistent_true(observed, true)
-        got = losses.compute_loss(name, preds, observed, HP, epoch=epoch, pseudo=pseudo, true=true)
+        got = reference_losses.compute_loss(name, preds, observed, HP, epoch=epoch, pseudo=pseudo, true=true)
         expected = reference_loss(name, preds, observed, pseudo, true, HP, epoch)
         assert got.dim() == 0
         assert abs(float(got) - expected) < 1e-6, (name, epoch, seed)
 
 
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", reference_losses.LOSS_NAMES)
 def test_float32_close_to_float64(name):
     preds, observed, pseudo, true = random_batch(5, soft_negatives=True)
     true = consistent_true(observed, true)
-    got64 = losses.compute_loss(name, preds, observed, HP, epoch=5, pseudo=pseudo, true=true)
-    got32 = losses.compute_loss(name, preds.float(), observed.float(), HP, epoch=5, pseudo=pseudo.float(),
-                                true=true.float())
+    got64 = reference_losses.compute_loss(name, preds, observed, HP, epoch=5, pseudo=pseudo, true=true)
+    got32 = reference_losses.compute_loss(name, preds.float(), observed.float(), HP, epoch=5,
+                                          pseudo=pseudo.float(), true=true.float())
     assert got32.dtype == torch.float32
     assert abs(float(got32) - float(got64)) < 1e-5
 
@@ -120,10 +122,10 @@ def test_float32_close_to_float64(name):
 def test_warmup_boundary_is_inclusive():
     preds, observed, pseudo, true = random_batch(1)
     hp = SimpleNamespace(**{**vars(HP), "warmup_epoch": 3})
-    em = losses.compute_loss("EM", preds, observed, hp)
-    for name in losses.LOSSES_NEEDING_PSEUDO:
-        assert float(losses.compute_loss(name, preds, observed, hp, epoch=3, pseudo=pseudo)) == float(em)
-        assert float(losses.compute_loss(name, preds, observed, hp, epoch=4, pseudo=pseudo)) != float(em)
+    em = reference_losses.compute_loss("EM", preds, observed, hp)
+    for name in reference_losses.LOSSES_NEEDING_PSEUDO:
+        assert float(reference_losses.compute_loss(name, preds, observed, hp, epoch=3, pseudo=pseudo)) == float(em)
+        assert float(reference_losses.compute_loss(name, preds, observed, hp, epoch=4, pseudo=pseudo)) != float(em)
 
 
 def test_beta_neg_zero_gives_zero_loss_on_negative_pseudo_labels():
@@ -131,17 +133,17 @@ def test_beta_neg_zero_gives_zero_loss_on_negative_pseudo_labels():
     preds = torch.tensor([[0.3, 0.9]])
     observed = torch.zeros(1, 2)
     pseudo = torch.tensor([[-1.0, -1.0]])
-    assert float(losses.compute_loss("EM_PL", preds, observed, hp, pseudo=pseudo)) == 0.0
+    assert float(reference_losses.compute_loss("EM_PL", preds, observed, hp, pseudo=pseudo)) == 0.0
 
 
 def test_em_apl_soft_negative_value():
     preds = torch.tensor([[0.2]], dtype=torch.float64)
     observed = torch.tensor([[-0.25]], dtype=torch.float64)
-    got = float(losses.compute_loss("EM_APL", preds, observed, HP))
+    got = float(reference_losses.compute_loss("EM_APL", preds, observed, HP))
     assert got == pytest.approx(HP.beta * (0.25 * nl(0.2) + 0.75 * nl(0.8)), abs=1e-12)
 
 
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", reference_losses.LOSS_NAMES)
 @pytest.mark.parametrize("gammas", [(2.0, 4.0, 4.0), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)])
 def test_gradients_finite_at_zero_and_one(name, gammas):
     hp = SimpleNamespace(**{**vars(HP), "gamma_pos": gammas[0], "gamma_neg": gammas[1],
@@ -152,7 +154,7 @@ def test_gradients_finite_at_zero_and_one(name, gammas):
     for dtype in (torch.float32, torch.float64):
         preds = torch.tensor(grid[0], dtype=dtype).reshape(1, -1).requires_grad_(True)
         observed, pseudo, true = (torch.tensor(row, dtype=dtype).reshape(1, -1) for row in grid[1:])
-        loss = losses.compute_loss(name, preds, observed, hp, epoch=1, pseudo=pseudo, true=true)
+        loss = reference_losses.compute_loss(name, preds, observed, hp, epoch=1, pseudo=pseudo, true=true)
         loss.backward()
         assert torch.isfinite(loss)
         assert torch.isfinite(preds.grad).all(), (name, gammas, dtype)
@@ -163,63 +165,63 @@ def test_gradient_flows_through_sigmoid_at_saturation():
     preds = torch.sigmoid(logits)
     observed = torch.tensor([[1.0, 0.0, 0.0]])
     pseudo = torch.tensor([[0.0, 1.0, -1.0]])
-    losses.compute_loss("EM_PL_ASL", preds, observed, HP, epoch=5, pseudo=pseudo).backward()
+    reference_losses.compute_loss("EM_PL_ASL", preds, observed, HP, epoch=5, pseudo=pseudo).backward()
     assert torch.isfinite(logits.grad).all()
 
 
 def test_unknown_name_lists_known_names():
     preds, observed, _, _ = random_batch(0)
     with pytest.raises(ValueError, match="known losses: bce, an, iun, EM, EM_APL, EM_PL, EM_PL_ASL"):
-        losses.compute_loss("focal", preds, observed, HP)
+        reference_losses.compute_loss("focal", preds, observed, HP)
 
 
-@pytest.mark.parametrize("name", sorted(losses.LOSSES_NEEDING_PSEUDO))
+@pytest.mark.parametrize("name", sorted(reference_losses.LOSSES_NEEDING_PSEUDO))
 def test_missing_pseudo_raises_even_during_warmup(name):
     preds, observed, _, _ = random_batch(0)
     with pytest.raises(ValueError, match="pseudo"):
-        losses.compute_loss(name, preds, observed, HP, epoch=1)
+        reference_losses.compute_loss(name, preds, observed, HP, epoch=1)
 
 
-@pytest.mark.parametrize("name", sorted(losses.LOSSES_NEEDING_TRUE))
+@pytest.mark.parametrize("name", sorted(reference_losses.LOSSES_NEEDING_TRUE))
 def test_missing_true_raises(name):
     preds, observed, _, _ = random_batch(0)
     with pytest.raises(ValueError, match="clean labels"):
-        losses.compute_loss(name, preds, observed, HP)
+        reference_losses.compute_loss(name, preds, observed, HP)
 
 
 def test_shape_mismatch_raises():
     preds, observed, pseudo, true = random_batch(0)
     with pytest.raises(ValueError, match="observed has shape"):
-        losses.compute_loss("an", preds, observed[:, :-1], HP)
+        reference_losses.compute_loss("an", preds, observed[:, :-1], HP)
     with pytest.raises(ValueError, match="pseudo has shape"):
-        losses.compute_loss("EM_PL", preds, observed, HP, pseudo=pseudo[:-1])
+        reference_losses.compute_loss("EM_PL", preds, observed, HP, pseudo=pseudo[:-1])
     with pytest.raises(ValueError, match="true has shape"):
-        losses.compute_loss("bce", preds, observed, HP, true=true.T)
+        reference_losses.compute_loss("bce", preds, observed, HP, true=true.T)
     with pytest.raises(ValueError, match="B x K"):
-        losses.compute_loss("an", preds[0], observed[0], HP)
+        reference_losses.compute_loss("an", preds[0], observed[0], HP)
 
 
 def test_value_ranges_raise():
     preds, observed, pseudo, true = random_batch(0)
     with pytest.raises(ValueError, match=r"preds must lie in \[0, 1\]"):
-        losses.compute_loss("an", preds * 2.0, observed, HP)
+        reference_losses.compute_loss("an", preds * 2.0, observed, HP)
     with pytest.raises(ValueError, match=r"preds must lie in \[0, 1\]"):
-        losses.compute_loss("an", torch.full_like(preds, float("nan")), observed, HP)
+        reference_losses.compute_loss("an", torch.full_like(preds, float("nan")), observed, HP)
     with pytest.raises(ValueError, match=r"observed labels must lie in \[-1, 1\]"):
-        losses.compute_loss("EM", preds, observed - 1.0, HP)
+        reference_losses.compute_loss("EM", preds, observed - 1.0, HP)
     with pytest.raises(ValueError, match="pseudo-labels must lie"):
-        losses.compute_loss("EM_PL", preds, observed, HP, pseudo=pseudo * 2)
+        reference_losses.compute_loss("EM_PL", preds, observed, HP, pseudo=pseudo * 2)
     with pytest.raises(ValueError, match="true labels must lie"):
-        losses.compute_loss("iun", preds, observed, HP, true=true - 1)
+        reference_losses.compute_loss("iun", preds, observed, HP, true=true - 1)
 
 
 def test_missing_hyperparameter_is_named():
     preds, observed, _, _ = random_batch(0)
     with pytest.raises(ValueError, match="'alpha'"):
-        losses.compute_loss("EM", preds, observed, SimpleNamespace(beta=1.0))
+        reference_losses.compute_loss("EM", preds, observed, SimpleNamespace(beta=1.0))
 
 
-COMBINE_FORM = [name for name in losses.LOSS_NAMES if name != "EM_PL_ASL"]
+COMBINE_FORM = [name for name in reference_losses.LOSS_NAMES if name != "EM_PL_ASL"]
 
 
 @pytest.mark.parametrize("name", COMBINE_FORM + ["EM_PL_ASL"])
@@ -227,9 +229,9 @@ COMBINE_FORM = [name for name in losses.LOSS_NAMES if name != "EM_PL_ASL"]
 def test_coefficients_give_the_loss_matrix(name, epoch):
     preds, observed, pseudo, true = random_batch(7, soft_negatives=True)
     true = consistent_true(observed, true)
-    coefficients = losses.loss_coefficients(name, observed, HP, epoch=epoch, pseudo=pseudo, true=true)
+    coefficients = reference_losses.loss_coefficients(name, observed, HP, epoch=epoch, pseudo=pseudo, true=true)
     if name == "EM_PL_ASL" and epoch > HP.warmup_epoch:
-        assert coefficients is None  # not of combine's form: loss_matrix takes its own path
+        assert coefficients is None  # not of combine's form: reference_losses.loss_matrix takes its own path
         return
     got = losses.mean_loss(losses.combine(preds, *coefficients))
     assert abs(float(got) - reference_loss(name, preds, observed, pseudo, true, HP, epoch)) < 1e-6
@@ -250,7 +252,7 @@ def test_written_out_logit_gradient_equals_autograd(name):
     logits = torch.logit(preds.clamp(0.02, 0.98)).requires_grad_()
     with torch.no_grad():
         logits[0, :4] = torch.tensor([-60.0, 60.0, 0.0, 8.0])  # saturated: p within 1e-26 of 0 and of 1
-    coefficients = losses.loss_coefficients(name, observed, HP, epoch=5, pseudo=pseudo, true=true)
+    coefficients = reference_losses.loss_coefficients(name, observed, HP, epoch=5, pseudo=pseudo, true=true)
     loss = losses.combine(torch.sigmoid(logits), *coefficients).sum()
     (expected,) = torch.autograd.grad(loss, logits)
     got = losses.combine_logit_gradient(torch.sigmoid(logits.detach()), *coefficients)
