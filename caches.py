@@ -220,8 +220,9 @@ class Encoder:
 @dataclass
 class OfficialSetCache:
     """``Encoder`` outputs for every image of an official split ('train' or 'val'), cached in
-    ``cache_dir`` as ``<prefix>-<fingerprint>-<phase>.npz``. Temporary files that killed writes
-    left in ``cache_dir`` are removed at its first use (``remove_stale_temp_files``)."""
+    ``cache_dir`` as ``<prefix>-<fingerprint>-<phase>.npz`` and, once read, kept in memory for the
+    run (``embeddings``). Temporary files that killed writes left in ``cache_dir`` are removed at
+    its first use (``remove_stale_temp_files``)."""
     data_root: str
     dataset: str
     image_dir: Path
@@ -232,6 +233,9 @@ class OfficialSetCache:
     log: Callable[[str], None] = _log_stderr
     dist: Distributed = Distributed()
     _swept: bool = field(default=False, init=False, repr=False)
+    # cache file -> the embeddings read from it or written to it (its name holds the encoder's
+    # fingerprint and the phase: one entry per encoder and split).
+    _kept: dict[Path, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def remove_stale_temp_files(self) -> list[str]:
         """Remove the temporary files of cache writes whose process was killed (up to a whole cache
@@ -242,16 +246,33 @@ class OfficialSetCache:
                      f"{', '.join(removed)}")
         return removed
 
-    def embeddings(self, phase: str, encoder: Encoder) -> np.ndarray:
+    def cache_file(self, phase: str, encoder: Encoder) -> Path:
+        """The file of ``encoder``'s outputs for ``phase``, named by the encoder's fingerprint."""
+        fingerprint = cache_key_hash(encoder.key, [], encoder.image_size, encoder.mean, encoder.std,
+                                     dtype=encoder.dtype)[:16]
+        return Path(self.cache_dir) / f"{encoder.prefix}-{fingerprint}-{phase}.npz"
+
+    def embeddings(self, phase: str, encoder: Encoder, *, keep: bool = True) -> np.ndarray:
+        """``encoder``'s outputs for every image of the official ``phase`` split (N x D, or N x V x D
+        with views), from the cache file or computed into it. Kept in memory with ``keep``, so
+        that a later call for the same encoder and phase returns the same array without reading
+        the file (callers must not modify it); ``keep=False`` for a large array read once."""
+        cache_file = self.cache_file(phase, encoder)
+        if cache_file in self._kept:
+            return self._kept[cache_file]
+        embeddings = self._read_or_compute(phase, encoder, cache_file)
+        if keep:
+            self._kept[cache_file] = embeddings
+        return embeddings
+
+    def _read_or_compute(self, phase: str, encoder: Encoder, cache_file: Path) -> np.ndarray:
         if not self._swept and self.dist.is_main:
             self.remove_stale_temp_files()
             self._swept = True
         formatted = datasets.load_formatted(self.data_root, self.dataset, phase)
-        fingerprint = cache_key_hash(encoder.key, [], encoder.image_size, encoder.mean, encoder.std,
-                                     dtype=encoder.dtype)[:16]
         return cached_embeddings(
             encoder.encode, encoder.key, [str(self.image_dir / p) for p in formatted.images], encoder.image_size,
-            encoder.mean, encoder.std, Path(self.cache_dir) / f"{encoder.prefix}-{fingerprint}-{phase}.npz",
+            encoder.mean, encoder.std, cache_file,
             batch_size=self.batch_size, num_workers=self.num_workers, device=self.device,
             desc=f"{encoder.prefix} {phase}", log=self.log, rank=self.dist.rank, world_size=self.dist.world_size,
             gather_rows=self.dist.gather_rows, views=encoder.views, root=self.image_dir, dtype=encoder.dtype)

@@ -284,12 +284,11 @@ class Trainer:
                                       Path(config["cache_dir"]), batch_size=max(config["bsize"], 32),
                                       num_workers=config["num_workers"], device=self.device, log=self.logger.log,
                                       dist=self.dist)
-        self.teacher_embeddings: np.ndarray | None = None  # raw, whole official train set
         self.labels = LabelState(self.benchmark.train.labels_obs, self.benchmark.train.labels)
         # The method's pseudo-label rule (pseudo_labels.RULES), when it needs pseudo-labels.
         self.pseudo_labels: pseudo_labels.PseudoLabelRule | None = None
         if setup.text_features is not None:
-            self.pseudo_labels = pseudo_labels.RULES[self.method_class.pseudo_label_rule](self)
+            self.pseudo_labels = pseudo_labels.RULES[self.method_class.pseudo_label_rule](self.rule_context())
 
         torch.manual_seed(config["seed"])
         if model is None:
@@ -311,6 +310,13 @@ class Trainer:
         return self.pseudo_labels is not None and self.pseudo_labels.online
 
     # -- teacher and feature caches ------------------------------------------------------------
+    def rule_context(self) -> pseudo_labels.RuleContext:
+        """What the pseudo-label rule may use of this run."""
+        return pseudo_labels.RuleContext(
+            config=self.config, text_features=self.setup.text_features, teacher=self.teacher,
+            encoder=self.teacher_encoder, cache=self.cache, benchmark=self.benchmark, labels=self.labels,
+            device=self.device, log=self.logger.log)
+
     def teacher_encoder(self, flips: bool = True) -> Encoder:
         self.teacher.to(self.device)
         return self.teacher.encoder(self.config["teacher_view"], flips)
@@ -329,13 +335,14 @@ class Trainer:
         """Frozen backbone features of the train / val / test images (eval transform, cached).
 
         A backbone that starts as the teacher's tower, at the teacher's input size, has the
-        teacher's own embeddings as features, so one cached pass feeds both."""
+        teacher's own embeddings as features, so one cached pass feeds both (after VLPL's rule has
+        read the train embeddings, the cache returns them from memory). Nothing reads these files
+        after the head's features are made, so the cache does not keep them."""
         config, bench = self.config, self.benchmark
         if self.backbone.copies_clip_tower and config["image_size"] == self.teacher.input_size:
-            if self.teacher_embeddings is None:  # EM_PL already holds them; other losses read the cache
-                self.teacher_embeddings = self.cache.embeddings("train", self.teacher_encoder())
-            official_train = self.teacher_embeddings[:, 0]  # as is: features have no flips
-            official_val = self.cache.embeddings("val", self.teacher_encoder(flips=False))[:, 0]
+            # As is: features have no flips.
+            official_train = self.cache.embeddings("train", self.teacher_encoder(), keep=False)[:, 0]
+            official_val = self.cache.embeddings("val", self.teacher_encoder(flips=False), keep=False)[:, 0]
             self.teacher.cpu()  # its work is cached: free the accelerator's memory for training
         else:
             self.model.eval()
@@ -348,8 +355,9 @@ class Trainer:
                               self.backbone.mean, self.backbone.std,
                               views=None if view is None else teacher_module.Flips(view, (False,)))
             # One view per image: N x 1 x D with a view recipe, N x D without.
-            official_train, official_val = (self.cache.embeddings(phase, encoder).reshape(-1, self.model.feature_dim)
-                                            for phase in ("train", "val"))
+            official_train, official_val = (
+                self.cache.embeddings(phase, encoder, keep=False).reshape(-1, self.model.feature_dim)
+                for phase in ("train", "val"))
         return {"train": official_train[bench.train_indices], "val": official_train[bench.val_indices],
                 "test": official_val}
 

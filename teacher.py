@@ -7,7 +7,7 @@
   name in ``models.TEACHERS`` (``--teacher``); ``encoder(view)`` describes its input for the
   embedding cache (``caches``): both flips of every image.
 * ``pseudo_labels_from_embeddings``: softmax over the class text features, threshold, partial
-  negatives; ``PseudoLabeler`` applies it to cached embeddings or to a batch (online).
+  negatives (VLPL's rule, ``pseudo_labels.vlpl``, applies it to cached embeddings or to a batch).
 * ``load_text_features`` reads the K x D class text features; ``pseudo_label_report`` scores
   pseudo-labels against the clean labels.
 """
@@ -297,22 +297,3 @@ class Flips:
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         return [self.view(image, flip) for flip in self.flips]
-
-
-@dataclass
-class PseudoLabeler:
-    """The pseudo-label rule with its settings (``-t``, ``-th``, ``-p``) and text features."""
-    text_features: torch.Tensor
-    temperature: float
-    threshold: float
-    partial: float
-
-    def from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """q (B x K) for unit-norm image embeddings, on the embeddings' device."""
-        q, _ = pseudo_labels_from_embeddings(embeddings, self.text_features.to(embeddings.device),
-                                             self.temperature, self.threshold, self.partial)
-        return q
-
-    def online(self, teacher: Teacher, images: torch.Tensor) -> torch.Tensor:
-        """q for a batch of teacher-view images: the teacher runs now (``--pseudo-labels online``)."""
-        return self.from_embeddings(teacher.embed(images))

@@ -66,12 +66,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import caches  # noqa: E402
-import damp  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
 import teacher as teacher_module  # noqa: E402
 from bench.timing import Meter, require_at_least_one  # noqa: E402
 from preproc import make_demo_data  # noqa: E402
+from pseudo_labels import damp  # noqa: E402
 
 VIT_B16 = models.teacher_spec("ViT-B-16").open_clip_name   # AEVLP's teacher, 224 px
 SETTINGS = "pascal"                 # DAMP_SETTINGS entry used (its grid_size replaced by --grid)

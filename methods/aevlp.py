@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import damp
 import losses
 from methods.base import Hyperparameter, joined_table, on_off
 from methods.cole import EXPECTED_POSITIVES
 from methods.gr import AEVLP_CONFIGS, K_SCHEDULE, Q2, Q3, REG, V_SCHEDULE, GR
+from pseudo_labels import damp
 
 
 LAM1 = Hyperparameter("lam1", float, "AEVLP: a positive pseudo-label's weight 1 - V' uses V' = min(max(V, 1 - lam1), "

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import aevlp_text
 import datasets
+from pseudo_labels import aevlp_text
 
 DATASET_NAMES = ("pascal", "coco", "nuswide", "cub")
 

@@ -214,3 +214,25 @@ def test_pseudo_label_settings_need_no_teacher_pass(tmp_path, image_paths):
                for t in (0.01, 1.0) for th in (0.1, 0.3) for p in (0.0, 0.5)}
     assert encoder.images_seen == 7
     assert len({tuple(q.flatten().tolist()) for q in results.values()}) > 1
+
+
+def test_official_set_cache_keeps_what_it_read_in_memory(demo_root, tmp_path):
+    """A second call for the same encoder and split returns the array the first one returned,
+    without reading the file; ``keep=False`` keeps nothing (the next call reads the file)."""
+    image_dir = datasets.dataset_dir(demo_root, "pascal") / datasets.get_dataset_info("pascal").image_root
+    cache = caches.OfficialSetCache(str(demo_root), "pascal", image_dir, tmp_path / "cache", batch_size=8,
+                                    num_workers=0, device=torch.device("cpu"), log=lambda message: None)
+    encoder = CountingEncoder()
+    spec = caches.Encoder(encoder, {"teacher": "abc"}, "teacher", SIZE, MEAN, STD)
+    first = cache.embeddings("train", spec)
+    seen = encoder.images_seen
+    cache.cache_file("train", spec).unlink()        # reading it now would mean a new pass
+    assert cache.embeddings("train", spec) is first and encoder.images_seen == seen
+    other = caches.Encoder(CountingEncoder(seed=1), {"teacher": "other"}, "teacher", SIZE, MEAN, STD)
+    assert not np.array_equal(cache.embeddings("train", other), first)
+
+    once = cache.embeddings("val", spec, keep=False)
+    seen = encoder.images_seen
+    again = cache.embeddings("val", spec, keep=False)
+    assert again is not once and encoder.images_seen == seen     # read from its file
+    np.testing.assert_array_equal(again, once)

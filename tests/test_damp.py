@@ -12,8 +12,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 import caches
-import damp
 import datasets
+from pseudo_labels import damp
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,23 +10,31 @@ teacher views it is computed from: the whole image and a g x g grid of tiles.
   training image is a pure function of (image, flips) and both flips of every view can be
   embedded once; ``pick_flips`` takes the rows of the flips a batch drew.
 * ``DAMP_SETTINGS``: the published per-dataset settings.
+* ``DampRule``: the pseudo-label rule ``damp`` (``pseudo_labels.RULES``): DAMP on the whole image
+  and its g x g tiles, each view flipped independently. Every view in both flips is embedded once
+  and cached (float16, as AEVLP's teacher computes); each batch picks the flip its sampler drew for
+  each view, and DAMP runs on the cosine similarities of those rows. Nothing but the flips varies
+  between AEVLP's per-step CLIP passes, so these are the pseudo-labels it would compute, without a
+  CLIP pass per step.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor
 from torchvision.transforms import functional as TF
 
 import datasets
+import teacher as teacher_module
 from caches import Encoder
-
-if TYPE_CHECKING:
-    from teacher import Teacher
+from distributed import Distributed
+from pseudo_labels.base import PseudoLabelRule, RuleContext
 
 
 # The input size of AEVLP's CLIP (OpenAI ViT-B/16): tx['pl'] resizes every view to 224 x 224.
@@ -255,7 +263,7 @@ def pick_flips(cached: torch.Tensor | np.ndarray, flips: torch.Tensor) -> torch.
     return pairs.gather(2, index)[:, :, 0]
 
 
-def aevlp_encoder(teacher: Teacher, grid_size: int, size: int | None = None) -> Encoder:
+def aevlp_encoder(teacher: teacher_module.Teacher, grid_size: int, size: int | None = None) -> Encoder:
     """The teacher's image tower over the recipe's views, for ``caches.cached_embeddings`` /
     ``OfficialSetCache``: N x 2(1+g^2) x D raw image embeddings (normalise them, e.g. with
     ``cosine_similarities``), keyed by the weights and the recipe.
@@ -272,3 +280,111 @@ def aevlp_encoder(teacher: Teacher, grid_size: int, size: int | None = None) -> 
            **recipe.key()}
     return Encoder(encode, key, f"teacher-aevlp-g{recipe.grid_size}", recipe.size, (), (), views=recipe,
                    dtype="float16")
+
+
+# ----------------------------------------------------------------------------------------------
+# The rule
+# ----------------------------------------------------------------------------------------------
+
+class DampRule(PseudoLabelRule):
+    """AEVLP's DAMP pseudo-labels from cached view embeddings, with the settings of the method's
+    DAMP flags (``methods.aevlp``)."""
+
+    def __init__(self, context: RuleContext):
+        super().__init__(context)
+        self.settings = settings_from_config(context.config)
+        self.similarities: Tensor | None = None          # N x 2V x K, float32, on the CPU
+        # AEVLP's pseudo_label_matrix: each row's latest pseudo-labels, fed back to DAMP as its
+        # accumulated input (which only shapes an output AEVLP discards; kept for fidelity and
+        # for the per-epoch report).
+        self.kept = torch.zeros(context.labels.shape, dtype=torch.float32)
+        self._pending: list[tuple[Tensor, Tensor]] = []
+
+    @classmethod
+    def check_config(cls, config):
+        if config["train_mode"] != "end_to_end":
+            raise ValueError(f"-l {config['loss']} draws a flip per teacher view in every step: it needs "
+                             f"--train-mode end_to_end")
+        if config["pseudo_labels"] != "cached":
+            raise ValueError(f"-l {config['loss']}: DAMP's views are cached in both flips, which gives the "
+                             f"pseudo-labels a per-step pass would (bench/aevlp_cost.py measures that pass); "
+                             f"drop --pseudo-labels online")
+        num_classes = datasets.get_dataset_info(config["dataset"]).num_classes
+        if config["damp_top_k"] > num_classes:
+            raise ValueError(f"--damp-top-k {config['damp_top_k']} exceeds the {num_classes} classes")
+
+    @classmethod
+    def text_features(cls, config, teacher, num_classes):
+        """AEVLP's: the teacher's raw text embeddings of "a photo of a {name}." for its class-name
+        lists, perturbed by its frozen graph convolution (``--text-gcn``, seeded by ``-s``),
+        L2-normalised."""
+        # Imported here: aevlp_text takes its cosine similarities from this module.
+        from pseudo_labels import aevlp_text
+        raw = teacher.encode_text(aevlp_text.aevlp_prompts(config["dataset"]), normalize=False)
+        return aevlp_text.aevlp_text_features(raw, config["dataset"], config["seed"], perturb=config["text_gcn"])
+
+    @property
+    def num_view_flips(self) -> int:
+        return num_views(self.settings.grid_size)
+
+    def encoder(self) -> Encoder:
+        context = self.context
+        context.teacher.to(context.device)
+        return aevlp_encoder(context.teacher, self.settings.grid_size)
+
+    def prepare(self) -> None:
+        """Every view of every official train image in both flips, embedded once (cached), and
+        their cosine similarities with the class text features."""
+        context = self.context
+        # Not kept in memory by the cache: a multi-view cache is GBs and nothing reads it again.
+        official = context.cache.embeddings("train", self.encoder(), keep=False)   # every official train image
+        rows = context.benchmark.train_indices
+        text_features = context.text_features.to(context.device)
+        # The train split's rows a chunk at a time: no copy of the (float16, GBs) cache is made.
+        chunk = max(1, 2 ** 22 // int(np.prod(official.shape[1:])))
+        self.similarities = torch.cat([
+            cosine_similarities(torch.from_numpy(official[rows[start:start + chunk]]).to(context.device),
+                                text_features).cpu()
+            for start in range(0, len(rows), chunk)])
+        context.log(f"DAMP: {self.similarities.shape[1] // 2} views x 2 flips of {len(rows)} training images "
+                    f"cached; settings {self.settings}")
+
+    def batch(self, index, batch, observed):
+        device = observed.device
+        views = pick_flips(self.similarities[index], batch["view_flips"]).to(device)
+        _, current = damp_pseudo_labels(views, observed, self.kept[index].to(device),
+                                        **dataclasses.asdict(self.settings))
+        rows = current.float().cpu()
+        self.kept[index] = rows
+        self._pending.append((index.cpu(), rows))
+        return current.float()
+
+    def restart(self) -> None:
+        self.kept.zero_()
+        self._pending.clear()
+
+    def sync(self, dist: Distributed) -> None:
+        if dist.enabled:
+            for changes in dist.gather_objects(self._pending):
+                for index, rows in changes:
+                    self.kept[index] = rows
+        self._pending.clear()
+
+    def end_epoch(self, epoch: int) -> None:
+        """AEVLP's per-epoch report: its pseudo-labels against the clean labels, unobserved
+        entries only (its compute_precision_recall_pl, as fractions)."""
+        context = self.context
+        self.set_report(teacher_module.pseudo_label_report(self.kept, context.benchmark.train.labels,
+                                                           context.labels.observed.numpy()),
+                        f"DAMP pseudo-labels of epoch {epoch} (unobserved entries, vs clean train labels)")
+
+    def state_dict(self) -> dict:
+        return {"kept": self.kept.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        kept = state["kept"]
+        if tuple(kept.shape) != tuple(self.kept.shape):
+            raise ValueError(f"checkpoint DAMP pseudo-labels {tuple(kept.shape)} for {tuple(self.kept.shape)} "
+                             f"training labels")
+        self.kept = kept.to(torch.float32).clone()
+        self._pending.clear()

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import damp
 import datasets
+from pseudo_labels import damp
 
-# Byte-for-byte copies of AEVLP's data/classnames/*_labels.txt (see the README there).
-CLASS_NAMES_DIR = Path(__file__).resolve().parent / "classnames" / "aevlp"
+# Byte-for-byte copies of AEVLP's data/classnames/*_labels.txt (see the README there), at the
+# repository root.
+CLASS_NAMES_DIR = Path(__file__).resolve().parents[1] / "classnames" / "aevlp"
 
 # PromptLearner: prompt_prefix (ctx_init, default "a photo of a") + " " + name + "."
 PROMPT_PREFIX = "a photo of a"
