@@ -21,8 +21,8 @@ import numpy as np
 
 import datasets
 import metrics
-import saved_run
 from fileio import atomic_write_json
+from reading import saved_run
 
 SPLITS = ("test", "val", "train")
 

@@ -23,9 +23,9 @@ import numpy as np
 
 import datasets
 import rundir
-import saved_run
 from errors import RunError
 from fileio import atomic_write_text
+from reading import saved_run
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 

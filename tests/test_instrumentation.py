@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import instrumentation
 import main_clip
 import metrics
 import rundir
 from instrumentation import RunLogger
+from reading import summarize
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 5
@@ -221,7 +221,7 @@ def test_summarize_rows_groups_and_problems(tmp_path):
     (results / "listy" / "summary.json").write_text("[1, 2]")
     (results / "notes").mkdir()  # not a run dir: skipped when scanning the parent
 
-    text = instrumentation.summarize([results, tmp_path / "missing"])
+    text = summarize.summarize([results, tmp_path / "missing"])
     lines = text.splitlines()
     for name, summary in runs.items():
         row = next(line for line in lines if line.startswith(name + " "))
@@ -247,12 +247,12 @@ def test_summarize_rows_groups_and_problems(tmp_path):
 
 def test_summarize_single_run_dir_and_cli(tmp_path):
     make_run(tmp_path, "only", seed=2, epochs=2)
-    text = instrumentation.summarize([tmp_path / "only"])
+    text = summarize.summarize([tmp_path / "only"])
     assert "only" in text and "differing only in seed" not in text
     result = subprocess.run([sys.executable, "instrumentation.py", str(tmp_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == instrumentation.summarize([tmp_path])
+    assert result.stdout == summarize.summarize([tmp_path])
     assert result.stdout.splitlines()[0].split()[:4] == ["run", "dataset", "model", "loss"]
 
 
@@ -266,7 +266,7 @@ def test_runs_from_before_a_setting_and_kernel_choices_share_a_seed_group(tmp_pa
     make_run(results, "other_s0", seed=0, teacher="ViT-B-16")
     make_run(results, "other_s1", seed=1, teacher="ViT-B-16")
     make_run(results, "cam_s0", seed=0, head="boostlu")
-    groups = instrumentation.seed_groups(instrumentation.read_runs([results]))
+    groups = summarize.seed_groups(summarize.read_runs([results]))
     assert sorted(sorted(row["run"] for row in group) for group in groups.values()) == [
         ["cam_s0"], ["new_s1", "new_s8", "old_s0"], ["other_s0", "other_s1"]]
     assert main_clip.get_args_parser().get_default("head") == rundir.ADDED_SETTINGS["head"]

@@ -14,14 +14,13 @@ import torch
 from PIL import Image
 
 import checkpoint
+import datasets
 import evaluate
-import instrumentation
 import main_clip
-import plots
 import predict
-import saved_run
 from conftest import demo_args
 from errors import RunError
+from reading import cli, plots, saved_run, summarize
 
 
 @pytest.fixture(scope="module")
@@ -218,11 +217,16 @@ def results(tmp_path) -> tuple[Path, dict]:
     return root, tests
 
 
+def test_paper_columns_are_the_registry_titles_in_its_order():
+    """The summariser writes the titles out rather than import datasets (and torch); they must agree."""
+    assert list(summarize.PAPER_DATASETS.items()) == list(datasets.PAPER_TITLES.items())
+
+
 def test_paper_table_text_markdown_csv_latex(results):
     root, tests = results
-    rows = instrumentation.read_runs([root])
-    text = instrumentation.paper_table(rows, "text").splitlines()
-    assert text[0] == instrumentation.PAPER_TITLE + ":"
+    rows = summarize.read_runs([root])
+    text = summarize.paper_table(rows, "text").splitlines()
+    assert text[0] == summarize.PAPER_TITLE + ":"
     assert text[1].split() == ["method", "VOC", "COCO", "CUB"]  # datasets in the paper's order
     body = {line.split("  ")[0]: line for line in text[3:]}
     assert list(body) == ["an", "EM", "EM_PL (lr 0.0001)", "EM_PL (lr 1e-05)"]  # methods in the paper's order
@@ -231,32 +235,32 @@ def test_paper_table_text_markdown_csv_latex(results):
     assert "60.50 (1)" in body["EM_PL (lr 1e-05)"] and "40.00 (1)" in body["EM_PL (lr 0.0001)"]
     assert body["an"].split()[-1] == "-" and "20.50 ± 0.71 (2)" in body["EM"]
 
-    markdown = instrumentation.paper_table(rows, "markdown").splitlines()
+    markdown = summarize.paper_table(rows, "markdown").splitlines()
     assert markdown[0] == "| method | VOC | COCO | CUB |" and markdown[1] == "|---|---|---|---|"
     assert markdown[2] == "| an | 51.00 ± 1.41 (2) | - | - |"
 
-    table = list(csv.reader(instrumentation.paper_table(rows, "csv").splitlines()))
+    table = list(csv.reader(summarize.paper_table(rows, "csv").splitlines()))
     assert table[0][:4] == ["method", "VOC mean", "VOC std", "VOC seeds"]
     em_pl = next(line for line in table if line[0] == "EM_PL (lr 1e-05)")
     assert float(em_pl[1]) == pytest.approx(statistics.mean(vlpl), abs=1e-4)
     assert float(em_pl[2]) == pytest.approx(statistics.stdev(vlpl), abs=1e-4) and em_pl[3] == "3"
     assert em_pl[4:7] == ["60.5000", "", "1"]
 
-    latex = instrumentation.paper_table(rows, "latex")
+    latex = summarize.paper_table(rows, "latex")
     assert "\\begin{tabular}{lccc}" in latex and "Method & VOC & COCO & CUB \\\\" in latex
     assert "EM\\_PL (lr 1e-05) & 73.00 $\\pm$ 3.61 (3) & 60.50 (1) & -- \\\\" in latex
 
 
 def test_summariser_cli_formats_and_errors(results, tmp_path, capsys):
     root, _ = results
-    assert instrumentation.main([str(root), "--format", "markdown"]) == 0
+    assert cli.main([str(root), "--format", "markdown"]) == 0
     assert capsys.readouterr().out.startswith("| method | VOC | COCO | CUB |\n")
-    assert instrumentation.main([str(root)]) == 0
+    assert cli.main([str(root)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("run ") and instrumentation.PAPER_TITLE in out
+    assert out.startswith("run ") and summarize.PAPER_TITLE in out
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert instrumentation.main([str(empty), "--plot", str(tmp_path / "plots")]) == 2
+    assert cli.main([str(empty), "--plot", str(tmp_path / "plots")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no run folders") and err.count("\n") == 1
     assert not (tmp_path / "plots").exists()
@@ -272,7 +276,7 @@ def test_plots(run_dir, results, tmp_path, capsys):
     assert "(moved) train:" in log
     (without_cache / "log.txt").write_text(log)
     out = tmp_path / "plots"
-    assert instrumentation.main([str(run_dir), str(root), str(without_cache), "--plot", str(out)]) == 0
+    assert cli.main([str(run_dir), str(root), str(without_cache), "--plot", str(out)]) == 0
     err = capsys.readouterr().err
     for name in ("map_curves.png", "test_ap_per_class.png", "pseudo_labels_per_class.png"):
         with Image.open(out / "r" / name) as image:
@@ -306,7 +310,7 @@ def test_paper_rows_name_what_tells_configurations_apart(tmp_path):
     fake_run(root, "pascal", "EM", 1, 52.0, config="old/config.json")  # --config's file: bookkeeping
     fake_run(root, "pascal", "EM", 8, 54.0, head_lr_mult=None)         # unset: as if the key were absent
     fake_run(root, "pascal", "EM", 0, 40.0, head_lr_mult=1.0)          # a key older configs lack
-    methods, _, cells = instrumentation.paper_cells(instrumentation.read_runs([root]))
+    methods, _, cells = summarize.paper_cells(summarize.read_runs([root]))
     assert methods == ["EM (head_lr_mult 1.0)", "EM (no head_lr_mult)"]
     assert sorted(row["test"] for row in cells[("EM (no head_lr_mult)", "pascal")]) == [50.0, 52.0, 54.0]
 

@@ -14,10 +14,10 @@ import torch
 
 import checkpoint
 import engine
-import instrumentation
 import main_clip
 import rundir
 from conftest import REPO_ROOT, demo_argv
+from reading import summarize
 
 FAST = ("-l", "an", "--train-mode", "linear_fixed_features", "--head-lr", "1e-2")
 
@@ -176,10 +176,10 @@ def test_the_summariser_counts_a_seed_once_and_survives_nan(tmp_path):
     write_run(tmp_path, 0, 70.0, "a_rerun")   # the same seed again
     write_run(tmp_path, 1, 62.0, "b")
     write_run(tmp_path, 8, "NAN", "c")        # NaN written as JSON's NaN
-    rows = instrumentation.read_runs([tmp_path])
-    methods, datasets, cells = instrumentation.paper_cells(rows)
+    rows = summarize.read_runs([tmp_path])
+    methods, datasets, cells = summarize.paper_cells(rows)
     assert [row["run"] for row in cells[(methods[0], "pascal")]] == ["a", "b"]
-    text = instrumentation.summarize([tmp_path])
+    text = summarize.summarize([tmp_path])
     assert "61.00 ± 1.41 (2)" in text
     assert "same configuration and seed as a: left out of the means over seeds" in text
     assert "best_test_map that is not a finite number (nan)" in text

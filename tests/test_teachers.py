@@ -18,11 +18,11 @@ import config as config_module
 import main_clip
 import models
 import rundir
-import saved_run
 import teacher as teacher_module
 from conftest import demo_args, demo_argv
 from errors import RunError
 from preproc import make_text_features as mtf
+from reading import saved_run
 
 # What each entry must build: (input size, embedding width).
 EXPECTED = {"ViT-L-14-336": (336, 768), "ViT-B-16": (224, 512)}

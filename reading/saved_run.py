@@ -29,7 +29,8 @@ import models
 import rundir
 import teacher
 from errors import RunError, exit_code
-from instrumentation import CONFIG_FILE, SUMMARY_FILE, read_json
+from instrumentation import CONFIG_FILE, SUMMARY_FILE
+from reading.summarize import read_json
 
 CHECKPOINTS = ("best", "last")
 # What rebuilding the model and its data needs from config.json: a config without one of

@@ -13,7 +13,7 @@ Per run, under ``OUT_DIR/<run name>/``:
   they give back exactly the run's overall numbers.
 
 Across runs, ``OUT_DIR/test_map_by_method.png``: the paper's table as a chart, one panel per
-dataset, the test mAP of each method (``instrumentation.paper_cells``) as its mean with the
+dataset, the test mAP of each method (``summarize.paper_cells``) as its mean with the
 sample std over seeds, each seed a dot.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 import fileio  # noqa: E402
 import instrumentation  # noqa: E402
+from reading import summarize  # noqa: E402
 
 PHASE_COLOURS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
 DPI = 110
@@ -137,8 +138,8 @@ def pseudo_label_quality(run_dir: Path, config: dict, summary: dict) -> tuple[di
     run's overall precision and recall."""
     import torch
 
-    import saved_run
     import teacher
+    from reading import saved_run
     from errors import RunError
 
     reported = summary.get("pseudo_labels") or {}
@@ -179,9 +180,9 @@ def pseudo_label_quality(run_dir: Path, config: dict, summary: dict) -> tuple[di
 
 
 def plot_run(row: dict, out_dir: Path, log: Callable[[str], None] = _log_stderr) -> list[Path]:
-    """The plots of one run (a row of ``instrumentation.read_runs``) under ``out_dir``."""
+    """The plots of one run (a row of ``summarize.read_runs``) under ``out_dir``."""
     run_dir = Path(row["run_path"])
-    summary, _ = instrumentation.read_json(run_dir / instrumentation.SUMMARY_FILE)
+    summary, _ = summarize.read_json(run_dir / instrumentation.SUMMARY_FILE)
     summary = summary or {}
     written = []
     records = read_metrics(run_dir)
@@ -216,7 +217,7 @@ def plot_run(row: dict, out_dir: Path, log: Callable[[str], None] = _log_stderr)
 
 def plot_methods(rows: list[dict], path: Path) -> Path | None:
     """Test mAP per method (rows) and dataset (panels): mean, sample std over seeds, each seed."""
-    methods, dataset_names, cells = instrumentation.paper_cells(rows)
+    methods, dataset_names, cells = summarize.paper_cells(rows)
     if not cells:
         return None
     fig, axes = plt.subplots(1, len(dataset_names), sharey=True, squeeze=False, layout="constrained",
@@ -235,7 +236,7 @@ def plot_methods(rows: list[dict], path: Path) -> Path | None:
             ax.scatter(values, [y] * len(values), color="black", s=10, zorder=3)
             ax.annotate(f"{mean:.1f}" + (f" ± {std:.1f}" if len(values) > 1 else "") + f" ({len(values)})",
                         (mean + std, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
-        ax.set_title(instrumentation.PAPER_DATASETS.get(dataset, dataset), fontsize=10)
+        ax.set_title(summarize.PAPER_DATASETS.get(dataset, dataset), fontsize=10)
         ax.set_xlabel("test mAP (%)")
         ax.set_xlim(0, 135)  # room right of 100 for the numbers
         ax.set_xticks(range(0, 101, 20))
@@ -248,7 +249,7 @@ def plot_methods(rows: list[dict], path: Path) -> Path | None:
 
 
 def plot_runs(rows: list[dict], out_dir: Path, log: Callable[[str], None] = _log_stderr) -> list[Path]:
-    """Every plot of the runs in ``rows`` (``instrumentation.read_runs``) under ``out_dir``."""
+    """Every plot of the runs in ``rows`` (``summarize.read_runs``) under ``out_dir``."""
     out_dir = Path(out_dir)
     written: list[Path] = []
     used: set[str] = set()
