@@ -247,7 +247,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
     for name, (hyperparameter, users) in methods.all_hyperparameters().items():
         if name not in own and config.pop(name) is not None:
             raise RunError(f"{hyperparameter.flag} is a setting of {', '.join(users)}, not of -l {args.loss}")
-    for key, value in method.defaults(args.dataset).items():
+    try:
+        defaults = method.defaults(args.dataset, given={key for key, value in config.items() if value is not None})
+    except ValueError as error:  # a dataset without a published protocol for this method: the flags to give
+        raise RunError(str(error)) from error
+    for key, value in defaults.items():
         if config.get(key) is None:
             config[key] = value
     if config["image_size"] is None:

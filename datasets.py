@@ -118,7 +118,7 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
                                       format_command="python preproc/format_cub.py"),
 )}
 
-# Dataset -> column title, in the paper's column order (instrumentation's paper table).
+# Dataset -> column title, in the paper's column order (the paper table of reading/summarize.py).
 PAPER_TITLES: dict[str, str] = {name: info.paper_title for name, info in DATASETS.items()}
 
 # Release names under their former constant names, for preproc/ and its tests until they read

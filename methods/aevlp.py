@@ -1,9 +1,9 @@
 """AEVLP (Tran et al., ICCV 2025, code Fsoft-AIC/AEVLP): the GPR loss (``losses.gpr_loss`` with its
-pseudo-label terms) on DAMP's pseudo-labels (``damp.py``, served by ``pseudo_labels.DampRule``)
+pseudo-label terms) on DAMP's pseudo-labels (``pseudo_labels/damp.py``, its ``DampRule``)
 from a CLIP ViT-B/16 teacher on the whole image and a g x g grid of tiles.
 
 Its protocol and loss settings per dataset are ``methods.gr.AEVLP_CONFIGS`` (its configs/*.json),
-its DAMP settings ``damp.DAMP_SETTINGS``; its teacher is ``--teacher ViT-B-16``.
+its DAMP settings ``damp.DAMP_SETTINGS`` and text relation settings ``aevlp_text.RELATION_SETTINGS``; its teacher is ``--teacher ViT-B-16``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import losses
 from methods.base import Hyperparameter, joined_table, on_off
 from methods.cole import EXPECTED_POSITIVES
 from methods.gr import AEVLP_CONFIGS, K_SCHEDULE, Q2, Q3, REG, V_SCHEDULE, GR
-from pseudo_labels import damp
+from pseudo_labels import aevlp_text, damp
 
 
 LAM1 = Hyperparameter("lam1", float, "AEVLP: a positive pseudo-label's weight 1 - V' uses V' = min(max(V, 1 - lam1), "
@@ -42,8 +42,9 @@ DAMP_HYPERPARAMETERS = (
 )
 
 
-def _row(config: dict, damp_settings: damp.DampSettings) -> dict:
-    """A dataset's row: AEVLP's configuration, its teacher and DAMP's settings."""
+def _row(config: dict, damp_settings: damp.DampSettings, _relation: aevlp_text.RelationSettings) -> dict:
+    """A dataset's row: AEVLP's configuration, its teacher and DAMP's settings (its text relation
+    settings are read by the rule itself: joined here so that the import check covers them)."""
     return dict(config, teacher="ViT-B-16", **damp.settings_as_config(damp_settings))
 
 
@@ -52,7 +53,7 @@ class AEVLP(GR):
     name = "AEVLP"
     description = "AEVLP: GPR loss on DAMP pseudo-labels (CLIP ViT-B/16 on the image and a grid of tiles)"
     hyperparameters = (K_SCHEDULE, V_SCHEDULE, Q2, Q3, REG, EXPECTED_POSITIVES, LAM1, LAM2, RHO) + DAMP_HYPERPARAMETERS
-    dataset_defaults = joined_table(_row, AEVLP_CONFIGS, damp.DAMP_SETTINGS)
+    dataset_defaults = joined_table(_row, AEVLP_CONFIGS, damp.DAMP_SETTINGS, aevlp_text.RELATION_SETTINGS)
     needs_pseudo_labels = True
     pseudo_label_rule = "damp"
 
