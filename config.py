@@ -33,8 +33,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="VLPL and the single-positive multi-label methods",
                                 add_help=add_help)
     p.add_argument("-d", "--dataset", default="pascal", choices=sorted(datasets.DATASETS), help="benchmark to train on")
-    p.add_argument("-l", "--loss", default="EM_PL", choices=list(methods.REGISTRY),
-                   help=f"single-positive method (EM_PL is VLPL). {_method_help()}")
+    p.add_argument("--method", "-l", "--loss", dest="method", default="EM_PL", choices=list(methods.REGISTRY),
+                   help=f"single-positive method (EM_PL is VLPL; -l / --loss: the original's spelling). "
+                        f"{_method_help()}")
     p.add_argument("-g", "--gpu", type=int, default=0, help="CUDA device index; without CUDA the run uses the CPU")
     p.add_argument("-m", "--model", default="resnet50", choices=models.BACKBONES, help="trainable backbone")
     p.add_argument("--head", default="linear", choices=list(models.HEADS),
@@ -109,7 +110,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="local weights of the --teacher CLIP (OpenAI .pt, a state dict, or a Hugging Face transformers folder)")
     g.add_argument("--tiny-models", action="store_true", help="tiny randomly initialised models of the same classes (tests, demo)")
     g.add_argument("--output-dir", default="results", help="folder that receives one sub-folder per run")
-    g.add_argument("--run-name", default=None, help="run folder name (default <dataset>_<model>_<loss>_seed<seed>)")
+    g.add_argument("--run-name", default=None, help="run folder name (default <dataset>_<model>_<method>_seed<seed>)")
     g.add_argument("--resume", action="store_true", help="continue the run in the run folder from its last.pt")
     g.add_argument("--config", default=None, metavar="CONFIG_JSON",
                    help="start a new run from a run's config.json; flags set to other than their defaults override it "
@@ -169,12 +170,12 @@ def _check_saved_values(saved: dict, path: Path, what: str) -> None:
         problem = _saved_value_problem(actions[key], value)
         if problem:
             raise RunError(f"{what} {path}: {'/'.join(actions[key].option_strings)} {json.dumps(value)}: {problem}")
-    own = {h.name for h in methods.REGISTRY[saved["loss"]].hyperparameters}
+    own = {h.name for h in methods.REGISTRY[saved["method"]].hyperparameters}
     for name, (hyperparameter, users) in methods.all_hyperparameters().items():
         # resolve_config never records them: such a value would be dropped without a word.
         if name not in own and saved.get(name) is not None:
             raise RunError(f"{what} {path}: {hyperparameter.flag} is a setting of {', '.join(users)}, "
-                           f"not of -l {saved['loss']}")
+                           f"not of -l {saved['method']}")
 
 
 def read_saved_config(path: Path, what: str) -> dict:
@@ -183,14 +184,16 @@ def read_saved_config(path: Path, what: str) -> dict:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise RunError(f"{what} {path}: cannot read a run configuration ({error})") from error
-    if not isinstance(saved, dict) or "loss" not in saved or "dataset" not in saved:
-        raise RunError(f"{what} {path}: not a run's config.json (no loss / dataset)")
+    if isinstance(saved, dict):
+        saved = rundir.renamed_settings(saved)
+    if not isinstance(saved, dict) or "method" not in saved or "dataset" not in saved:
+        raise RunError(f"{what} {path}: not a run's config.json (no method / dataset)")
     unknown = sorted(set(saved) - set(_flag_defaults()))
     if unknown:
         raise RunError(f"{what} {path}: settings this version does not know ({', '.join(unknown)}): "
                        f"a config.json from an incompatible version")
-    if not isinstance(saved["loss"], str) or saved["loss"] not in methods.REGISTRY:
-        raise RunError(f"{what} {path}: method {saved['loss']!r} is not one this version knows "
+    if not isinstance(saved["method"], str) or saved["method"] not in methods.REGISTRY:
+        raise RunError(f"{what} {path}: method {saved['method']!r} is not one this version knows "
                        f"({', '.join(methods.REGISTRY)})")
     _check_saved_values(saved, path, what)
     return as_recorded_now(saved)
@@ -202,7 +205,7 @@ def _with_saved(args: argparse.Namespace, saved: dict, given: set[str] | None,
     was left at its default); the saved method's own settings only when the method stays the same."""
     if given is None:
         given = {dest for dest, default in _flag_defaults().items() if getattr(args, dest) != default}
-    method = methods.get_method(args.loss if "loss" in given else saved["loss"])
+    method = methods.get_method(args.method if "method" in given else saved["method"])
     other_methods = set(methods.all_hyperparameters()) - {h.name for h in method.hyperparameters}
     args = argparse.Namespace(**vars(args))
     for key, value in saved.items():
@@ -222,7 +225,7 @@ def apply_saved_config(args: argparse.Namespace, given: set[str] | None = None) 
 
 
 def default_run_name(args: argparse.Namespace) -> str:
-    return f"{args.dataset}_{args.model}_{args.loss}_seed{args.seed}"
+    return f"{args.dataset}_{args.model}_{args.method}_seed{args.seed}"
 
 
 def apply_resumed_config(args: argparse.Namespace, given: set[str] | None = None) -> argparse.Namespace:
@@ -240,13 +243,13 @@ def apply_resumed_config(args: argparse.Namespace, given: set[str] | None = None
 def resolve_config(args: argparse.Namespace) -> dict:
     """The method's per-dataset defaults and protocol where the user set nothing; the result is
     what config.json records (the chosen method's settings only)."""
-    method = methods.get_method(args.loss)
+    method = methods.get_method(args.method)
     config = dict(vars(args))
     config.pop("demo")
     own = {hyperparameter.name for hyperparameter in method.hyperparameters}
     for name, (hyperparameter, users) in methods.all_hyperparameters().items():
         if name not in own and config.pop(name) is not None:
-            raise RunError(f"{hyperparameter.flag} is a setting of {', '.join(users)}, not of -l {args.loss}")
+            raise RunError(f"{hyperparameter.flag} is a setting of {', '.join(users)}, not of -l {args.method}")
     try:
         defaults = method.defaults(args.dataset, given={key for key, value in config.items() if value is not None})
     except ValueError as error:  # a dataset without a published protocol for this method: the flags to give
@@ -299,8 +302,9 @@ def as_recorded_now(config: dict) -> dict:
     """``config`` with the settings its version did not record yet at the values that version ran
     with (``rundir.ADDED_SETTINGS``, and the switches its method gained since at the defaults that
     reproduce what it did before them): how a resume and the comparisons of checkpoints read it."""
-    loss = config.get("loss")
-    method = methods.REGISTRY.get(loss) if isinstance(loss, str) else None
+    config = rundir.renamed_settings(config)
+    name = config.get("method")
+    method = methods.REGISTRY.get(name) if isinstance(name, str) else None
     gained = {h.name: h.default for h in method.hyperparameters if h.default is not None} if method else {}
     return {**gained, **rundir.with_added_settings(config)}
 

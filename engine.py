@@ -269,7 +269,7 @@ class Trainer:
         self.config, self.run_dir, self.setup = config, run_dir, setup
         self.resume_state = resume_state
         self.device, self.benchmark, self.teacher, self.dist = setup.device, setup.benchmark, setup.teacher, setup.dist
-        self.method_class = methods.get_method(config["loss"])
+        self.method_class = methods.get_method(config["method"])
         self.num_classes = self.benchmark.info.num_classes
         self.backbone = models.backbone_spec(config["model"])
         if self.dist.is_main:

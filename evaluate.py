@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> dict:
     observed = metrics.compute_metrics(scores, data.labels_obs)
     result = {"run_dir": str(args.run_dir), "run_name": Path(args.run_dir).resolve().name, "split": args.split,
               "checkpoint": args.checkpoint, "epoch": run.epoch, "dataset": run.config["dataset"],
-              "model": run.config["model"], "loss": run.config["loss"], "seed": run.config.get("seed"),
+              "model": run.config["model"], "method": run.config["method"], "seed": run.config.get("seed"),
               "num_images": int(len(scores)), "class_names": list(run.class_names),
               "clean": clean, "observed": observed, "ap_clean": [100.0 * float(ap) for ap in ap_clean]}
 

@@ -182,7 +182,7 @@ class RunLogger:
         self.log(f"Best epoch: {self.best_epoch if self.best_epoch is not None else 'n/a'}")
         self.log(f"Best epoch validation score: {format_value(self.best_val_map)}")
         self.log(f"Best epoch test score: {format_value(self.best_test_map)}")
-        summary = {"dataset": config.get("dataset"), "model": config.get("model"), "loss": config.get("loss"),
+        summary = {"dataset": config.get("dataset"), "model": config.get("model"), "method": config.get("method"),
                    "seed": config.get("seed"), "best_epoch": self.best_epoch,
                    "best_val_map": self.best_val_map, "best_test_map": self.best_test_map,
                    "test_ap_per_class": self.best_test_ap, "epochs_run": self.epochs_run, **(extra or {})}

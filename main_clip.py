@@ -109,7 +109,7 @@ def run_demo_data(data_root: Path) -> None:
 
 def demo_args(args: argparse.Namespace, argv_given: set[str]) -> argparse.Namespace:
     """The demo's settings, where the user did not set them."""
-    defaults = dict(dataset="pascal", loss="EM_PL", model="resnet50", tiny_models=True, epochs=8,
+    defaults = dict(dataset="pascal", method="EM_PL", model="resnet50", tiny_models=True, epochs=8,
                     lr=1e-3, bsize=16, num_workers=0, data_root=str(Path(args.output_dir) / "demo-data"),
                     run_name="demo_" + time.strftime("%Y%m%d-%H%M%S"))
     for key, value in defaults.items():
@@ -201,10 +201,10 @@ DEMO_NOTICE = ("DEMO: tiny randomly initialised models on synthetic data. Its mA
 
 def setup(config: dict, dist: Distributed = Distributed()) -> engine.Setup:
     """Everything that can fail on user input, before any output or long work."""
-    method = methods.get_method(config["loss"])
+    method = methods.get_method(config["method"])
     backbone = models.backbone_spec(config["model"])
     if method.needs_spatial_features and not backbone.spatial_output:
-        raise RunError(f"-l {config['loss']} needs spatial features, which -m {config['model']} does not give; "
+        raise RunError(f"-l {config['method']} needs spatial features, which -m {config['model']} does not give; "
                        f"choose a convolutional backbone")
     head = models.HEADS[config["head"]]
     if head.spatial and not backbone.spatial_output:
@@ -214,7 +214,7 @@ def setup(config: dict, dist: Distributed = Distributed()) -> engine.Setup:
         raise RunError(f"--head {config['head']} reads feature maps, which are not cached: it needs --train-mode "
                        f"end_to_end")
     if dist.enabled and not method.runs_distributed:
-        raise RunError(f"-l {config['loss']} keeps per-process trainable state that torchrun would not synchronise; "
+        raise RunError(f"-l {config['method']} keeps per-process trainable state that torchrun would not synchronise; "
                        f"run it in one process")
     needs_teacher = method.needs_pseudo_labels or backbone.copies_clip_tower
     models.check_weights_available(config["model"], backbone_weights=config["backbone_weights"],

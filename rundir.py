@@ -35,8 +35,21 @@ RESUMABLE_CHANGES = frozenset({"resume", "epochs", "num_workers", "gpu", "test_e
 LOCATION_SETTINGS = frozenset({"run_name", "output_dir", "config"})
 
 
+# Settings recorded under another name by older versions: old name -> name now.
+RENAMED_SETTINGS = {"loss": "method"}
+
+
+def renamed_settings(record: dict) -> dict:
+    """``record`` (a config.json, a checkpoint's configuration or a summary.json) with the settings
+    older versions recorded under another name under their names now."""
+    return {RENAMED_SETTINGS.get(key, key) if RENAMED_SETTINGS.get(key) not in record else key: value
+            for key, value in record.items()}
+
+
 def with_added_settings(config: dict) -> dict:
-    """``config`` (a run's config.json) with the value of each ``ADDED_SETTINGS`` entry it lacks."""
+    """``config`` (a run's config.json) under today's names (``renamed_settings``), with the value
+    of each ``ADDED_SETTINGS`` entry it lacks."""
+    config = renamed_settings(config)
     added = {key: value(config) if callable(value) else value for key, value in ADDED_SETTINGS.items()
              if key not in config}
     return {**added, **config}

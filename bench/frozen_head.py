@@ -9,7 +9,7 @@ Then, on the same run state, one more epoch's steps twice, as a baseline: throug
 loop (``engine.Trainer.train_batches``: loader batches, autograd, ``engine.train_step``), and
 through the head-only path that the run used (``Trainer.train_head_batches``), and the ratio of the two.
 
-    python bench/frozen_head.py [--epochs 10] [--loss EM_PL] [--bsize 8] [--no-baseline]
+    python bench/frozen_head.py [--epochs 10] [--method EM_PL] [--bsize 8] [--no-baseline]
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def synthetic_split(rng: np.random.RandomState, n: int, prototypes: np.ndarray, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--loss", default="EM_PL", choices=list(methods.REGISTRY))
+    parser.add_argument("--method", "--loss", dest="method", default="EM_PL", choices=list(methods.REGISTRY))
     parser.add_argument("--bsize", type=int, default=8, help="batch size (COCO's default is 8)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the one-epoch comparison with the general loop")
     args = parser.parse_args()
@@ -64,7 +64,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as out:
         config = config_module.resolve_config(main_clip.get_args_parser().parse_args(
-            ["-d", "coco", "-l", args.loss, "--train-mode", "linear_fixed_features", "--epochs", str(args.epochs),
+            ["-d", "coco", "-l", args.method, "--train-mode", "linear_fixed_features", "--epochs", str(args.epochs),
              "--bsize", str(args.bsize),
              "--test-every-epoch", "--output-dir", out, "--data-root", out, "--num-workers", "0"]))
         run_dir = Path(out) / config["run_name"]
@@ -72,7 +72,7 @@ def main() -> None:
         head_only = models.Classifier(torch.nn.Identity(), DIM, NUM_CLASSES, image_size=0)
         start = time.perf_counter()
         run = engine.Trainer(config, run_dir, engine.Setup(torch.device("cpu"), bench, None, None), model=head_only)
-        if methods.get_method(args.loss).needs_pseudo_labels:
+        if methods.get_method(args.method).needs_pseudo_labels:
             # Stand-in for the teacher's cached pseudo-labels: the clean positives, as +1.
             run.labels.set_pseudo(torch.from_numpy(bench.train.labels))
         stage = run.build_stage(engine.HEAD, config["epochs"], features=features)
@@ -95,7 +95,7 @@ def main() -> None:
                     begin = time.perf_counter()
                     train(bar)
                     steps[name] = time.perf_counter() - begin
-    print(f"linear_fixed_features, {args.loss}: {len(bench.train)} train / {len(bench.val)} val / {len(test)} test "
+    print(f"linear_fixed_features, {args.method}: {len(bench.train)} train / {len(bench.val)} val / {len(test)} test "
           f"rows x {DIM} features, {NUM_CLASSES} classes, batch {config['bsize']}")
     print(f"{config['epochs']} epochs with val and test every epoch: {elapsed:.1f} s "
           f"({elapsed / config['epochs']:.2f} s per epoch); best epoch {summary['best_epoch']}, "

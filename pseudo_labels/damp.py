@@ -303,10 +303,10 @@ class DampRule(PseudoLabelRule):
     @classmethod
     def check_config(cls, config):
         if config["train_mode"] != "end_to_end":
-            raise ValueError(f"-l {config['loss']} draws a flip per teacher view in every step: it needs "
+            raise ValueError(f"-l {config['method']} draws a flip per teacher view in every step: it needs "
                              f"--train-mode end_to_end")
         if config["pseudo_labels"] != "cached":
-            raise ValueError(f"-l {config['loss']}: DAMP's views are cached in both flips, which gives the "
+            raise ValueError(f"-l {config['method']}: DAMP's views are cached in both flips, which gives the "
                              f"pseudo-labels a per-step pass would (bench/aevlp_cost.py measures that pass); "
                              f"drop --pseudo-labels online")
         num_classes = datasets.get_dataset_info(config["dataset"]).num_classes

@@ -82,7 +82,7 @@ def class_names(dataset: str | None, num_classes: int) -> list[str]:
 
 
 def _title(row: dict) -> str:
-    return f"{row['run']}: {row['dataset']}, {row['model']}, {row['loss']}, seed {row['seed']}"
+    return f"{row['run']}: {row['dataset']}, {row['model']}, {row['method']}, seed {row['seed']}"
 
 
 def plot_map_curves(records: list[dict], row: dict, best_epoch: int | None, path: Path) -> Path:

@@ -36,7 +36,7 @@ CHECKPOINTS = ("best", "last")
 # What rebuilding the model and its data needs from config.json: a config without one of
 # these was written by a version of main_clip.py this code cannot reproduce.
 REQUIRED_CONFIG = {
-    "dataset": str, "model": str, "loss": str, "tiny_models": bool, "image_size": int, "bsize": int,
+    "dataset": str, "model": str, "method": str, "tiny_models": bool, "image_size": int, "bsize": int,
     "data_root": str, "val_frac": float, "split_seed": int, "subsample_seed": int, "train_frac": float,
     "val_frac_keep": float,
 }
@@ -95,6 +95,7 @@ def read_config(run_dir: str | Path) -> dict:
     if config is None:
         what = "is not a run folder" if problem == f"no {CONFIG_FILE}" else "has an unusable run configuration"
         raise RunError(f"{run_dir} {what}: {problem}")
+    config = rundir.renamed_settings(config)  # older versions recorded the method as "loss"
     missing = [key for key in REQUIRED_CONFIG if key not in config]
     wrong = [f"{key}={config[key]!r}" for key, kind in REQUIRED_CONFIG.items()
              if key in config and not _has_type(config[key], kind)]

@@ -73,6 +73,8 @@ def _read_run(run_dir: Path) -> dict:
     """One table row: values from summary.json (and config.json), plus what is wrong, if anything."""
     summary, summary_problem = read_json(run_dir / SUMMARY_FILE)
     config, config_problem = read_json(run_dir / CONFIG_FILE)
+    # Older versions recorded the method as "loss".
+    summary, config = (rundir.renamed_settings(record) if record is not None else None for record in (summary, config))
     problems = [problem for problem in (summary_problem, config_problem) if problem]
     if summary_problem and summary_problem.startswith("no ") and config is not None:
         problems[0] = "no summary.json (unfinished or crashed run?)"
@@ -84,7 +86,7 @@ def _read_run(run_dir: Path) -> dict:
         return None
 
     row = {"run": run_dir.name, "run_path": str(run_dir), "dataset": field("dataset"), "model": field("model"),
-           "loss": field("loss"), "seed": field("seed"), "best_epoch": None, "val": None, "test": None,
+           "method": field("method"), "seed": field("seed"), "best_epoch": None, "val": None, "test": None,
            "problems": problems, "group": None, "config": config}
     if summary is not None:
         row["best_epoch"] = summary.get("best_epoch")
@@ -105,7 +107,7 @@ def _read_run(run_dir: Path) -> dict:
 
 
 def _problem_row(path: Path, problem: str) -> dict:
-    return {"run": str(path), "run_path": None, "dataset": None, "model": None, "loss": None, "seed": None,
+    return {"run": str(path), "run_path": None, "dataset": None, "model": None, "method": None, "seed": None,
             "best_epoch": None, "val": None, "test": None, "problems": [problem], "group": None, "config": None}
 
 
@@ -136,7 +138,7 @@ def _setting(config: dict, key: str, separator: str = " ") -> str:
 
 
 def _family(row: dict) -> tuple:
-    return row["dataset"], row["model"], row["loss"]
+    return row["dataset"], row["model"], row["method"]
 
 
 def _differing_settings(group_rows: list[dict], all_groups: dict[str, list[dict]]) -> list[str]:
@@ -151,7 +153,7 @@ def _group_label(group_rows: list[dict], all_groups: dict[str, list[dict]]) -> s
     """'dataset model loss', plus the settings that tell this group apart (``_differing_settings``)."""
     first = group_rows[0]
     settings = _differing_settings(group_rows, all_groups)
-    label = f"{first['dataset']} {first['model']} {first['loss']}"
+    label = f"{first['dataset']} {first['model']} {first['method']}"
     return label + (" [" + ", ".join(settings) + "]" if settings else "")
 
 
@@ -193,8 +195,8 @@ def summarize(run_dirs: list[Path]) -> str:
 def summary_text(rows: list[dict]) -> str:
     """``summarize`` of rows already read (``read_runs``)."""
     groups = seed_groups(rows)  # first: it notes reruns of a seed in their rows
-    header = ["run", "dataset", "model", "loss", "seed", "best epoch", "val mAP", "test mAP", "notes"]
-    body = [[row["run"], row["dataset"] or "?", row["model"] or "?", row["loss"] or "?",
+    header = ["run", "dataset", "model", "method", "seed", "best epoch", "val mAP", "test mAP", "notes"]
+    body = [[row["run"], row["dataset"] or "?", row["model"] or "?", row["method"] or "?",
              "?" if row["seed"] is None else row["seed"],
              "n/a" if row["best_epoch"] is None else row["best_epoch"],
              format_value(row["val"], 2), format_value(row["test"], 2), "; ".join(row["problems"])]
@@ -232,8 +234,8 @@ PAPER_TITLE = "Test mAP at the best val epoch: mean ± sample std over seeds (nu
 
 
 def _method_key(row: dict) -> tuple:
-    loss = row["loss"] or "?"
-    return (METHOD_ORDER.index(loss) if loss in METHOD_ORDER else len(METHOD_ORDER), loss)
+    method = row["method"] or "?"
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
 def _dataset_key(dataset: str) -> tuple:
@@ -271,7 +273,7 @@ def paper_cells(rows: list[dict]) -> tuple[list[str], list[str], dict[tuple[str,
         if len(settings) > MAX_LABEL_SETTINGS:
             settings = settings[:MAX_LABEL_SETTINGS] + [f"+{len(settings) - MAX_LABEL_SETTINGS} more"]
         details = ([str(first["model"])] if several_models else []) + settings
-        label = base = (first["loss"] or "?") + (f" ({', '.join(details)})" if details else "")
+        label = base = (first["method"] or "?") + (f" ({', '.join(details)})" if details else "")
         number = 2
         while (label, first["dataset"] or "?") in cells:  # configurations the shortened label mixes up
             label, number = f"{base} #{number}", number + 1

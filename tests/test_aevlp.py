@@ -223,7 +223,7 @@ def test_aevlp_trains_on_the_demo_data_and_reports_its_pseudo_labels(demo_root, 
     summary = main_clip.main(demo_args(demo_root, tmp_path, "-l", "AEVLP", "--grid-size", "2", "--run-name", "a"))
     run = tmp_path / "a"
     config = json.loads((run / "config.json").read_text())
-    assert (config["loss"], config["teacher"], config["grid_size"], config["text_gcn"]) == ("AEVLP", "ViT-B-16", 2, True)
+    assert (config["method"], config["teacher"], config["grid_size"], config["text_gcn"]) == ("AEVLP", "ViT-B-16", 2, True)
     assert summary["epochs_run"] == 2 and math.isfinite(summary["best_val_map"])
     report = summary["pseudo_labels"]
     assert report["num_images"] > 0 and 0 <= report["precision"] <= 1

@@ -267,7 +267,7 @@ def test_each_method_runs_on_cached_features_and_writes_the_run_files(demo_root,
     assert all((run_dir / f).is_file() for f in RUN_FILES)
     assert json.loads((run_dir / "summary.json").read_text()) == summary and summary["best_test_map"] > 0
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["loss"] == name
+    assert config["method"] == name
     assert ("expected_num_pos" in config) == (name in ("epr", "role")) and ("ls_coef" in config) == (name == "an_ls")
     train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["phase"] == "train"]

@@ -236,7 +236,7 @@ def test_gr_trains_end_to_end_on_the_demo_data(demo_root, tmp_path):
     run = tmp_path / "g"
     assert all((run / name).is_file() for name in rundir.RUN_FILES)
     config = json.loads((run / "config.json").read_text())
-    assert (config["loss"], config["k_schedule"], config["q2"], config["head_lr_mult"], config["patience"]) == \
+    assert (config["method"], config["k_schedule"], config["q2"], config["head_lr_mult"], config["patience"]) == \
         ("GR", [0.0, 2.0, -2.0, -2.0], 0.01, 10.0, 2)
     assert summary["epochs_run"] == 2 and math.isfinite(summary["best_val_map"])
     train = [record for record in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())

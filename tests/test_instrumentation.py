@@ -50,7 +50,7 @@ def make_run(root: Path, name: str, seed: int, lr: float = 1e-5, epochs: int = 3
              **settings) -> dict:
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    config = {"dataset": "pascal", "model": "resnet50", "loss": loss, "seed": seed, "lr": lr, "alpha": 0.2,
+    config = {"dataset": "pascal", "model": "resnet50", "method": loss, "seed": seed, "lr": lr, "alpha": 0.2,
               "bsize": 8, "epochs": epochs, "run_name": name, "output_dir": str(root), "resume": False,
               "num_workers": 2, **settings}
     with open(run_dir / "config.json", "w") as handle:
@@ -92,7 +92,7 @@ def test_run_files(tmp_path):
 
     stored = json.loads((run_dir / "summary.json").read_text())
     assert stored == summary
-    assert stored["dataset"] == "pascal" and stored["model"] == "resnet50" and stored["loss"] == "EM_PL"
+    assert stored["dataset"] == "pascal" and stored["model"] == "resnet50" and stored["method"] == "EM_PL"
     assert stored["seed"] == 0 and stored["epochs_run"] == 3
     assert stored["best_epoch"] == best["epoch"] and stored["best_val_map"] == best["clean"]["map"]
     assert stored["best_test_map"] == test[-1]["clean"]["map"]
@@ -253,7 +253,7 @@ def test_summarize_single_run_dir_and_cli(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout == summarize.summarize([tmp_path])
-    assert result.stdout.splitlines()[0].split()[:4] == ["run", "dataset", "model", "loss"]
+    assert result.stdout.splitlines()[0].split()[:4] == ["run", "dataset", "model", "method"]
 
 
 def test_runs_from_before_a_setting_and_kernel_choices_share_a_seed_group(tmp_path):

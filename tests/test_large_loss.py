@@ -256,7 +256,7 @@ def test_each_method_trains_end_to_end_on_the_demo_data(demo_root, tmp_path, sch
     run = tmp_path / "run"
     assert all((run / name).is_file() for name in RUN_FILES)
     config = json.loads((run / "config.json").read_text())
-    assert (config["loss"], config["delta_rel"], config["optimizer"], config["head_lr_mult"], config["max_drop"]) == \
+    assert (config["method"], config["delta_rel"], config["optimizer"], config["head_lr_mult"], config["max_drop"]) == \
         (scheme, 0.1, "sgd", 10.0, 3.0)
     assert summary["epochs_run"] == 2 and math.isfinite(summary["best_val_map"])
     train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()

@@ -39,7 +39,7 @@ def test_every_loss_runs_and_writes_the_run_files(demo_root, tmp_path, loss):
     summary = main_clip.main(run_args(demo_root, tmp_path, *extra))
     run_dir = tmp_path / "r"
     run = read_run(run_dir)
-    assert run["config"]["loss"] == loss and run["config"]["lr"] == 1e-3
+    assert run["config"]["method"] == loss and run["config"]["lr"] == 1e-3
     assert summary == run["summary"]
     assert {(r["epoch"], r["phase"]) for r in run["records"]} >= {(1, "train"), (1, "val"), (2, "train"), (2, "val"), (1, "test")}
     logged_test = float(re.search(r"Best epoch test score: ([0-9.]+)", run["log"]).group(1))
@@ -144,9 +144,9 @@ def test_resume_continues_the_run_as_configured(demo_root, tmp_path):
 def test_demo_flags_keep_what_the_user_set():
     parser = main_clip.get_args_parser()
     given = config_module.given_flags(parser, ["--demo", "--epochs=1", "-l", "an"])
-    assert given == {"demo", "epochs", "loss"}
+    assert given == {"demo", "epochs", "method"}
     args = main_clip.demo_args(parser.parse_args(["--demo", "--epochs=1", "-l", "an"]), given)
-    assert args.epochs == 1 and args.tiny_models and args.loss == "an" and args.num_workers == 0
+    assert args.epochs == 1 and args.tiny_models and args.method == "an" and args.num_workers == 0
 
 
 def test_a_saved_config_starts_a_new_run_with_overrides(demo_root, tmp_path, capsys):
@@ -162,7 +162,7 @@ def test_a_saved_config_starts_a_new_run_with_overrides(demo_root, tmp_path, cap
     other_method = config_module.apply_saved_config(main_clip.get_args_parser().parse_args(
         ["--config", str(saved), "--run-name", "an", "-l", "an"]))
     assert other_method.alpha is None and other_method.temp == 0.02  # EM_PL's own settings stay behind
-    assert config_module.resolve_config(other_method)["loss"] == "an"
+    assert config_module.resolve_config(other_method)["method"] == "an"
     foreign = tmp_path / "foreign.json"
     foreign.write_text(json.dumps({**first, "future_setting": 1}))
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -207,6 +207,28 @@ def test_a_run_from_before_a_method_switch_resumes_with_the_switch_at_its_old_be
                                                  "--permanent-ties", "on"])
     with pytest.raises(main_clip.RunError, match="permanent_ties: False -> True"):
         main_clip.prepare_run_dir(config_module.resolve_config(config_module.apply_resumed_config(on)))
-    (tmp_path / "old" / "config.json").write_text(json.dumps({**saved, "loss": "LL-X"}))
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**saved, "method": "LL-X"}))
     message = cli_error(capsys, ["--output-dir", str(tmp_path), "--run-name", "old", "--resume"])
     assert "method 'LL-X' is not one this version knows" in message
+
+
+def test_method_is_the_flag_and_the_key_and_a_folder_that_says_loss_still_resumes_and_reads(demo_root, tmp_path):
+    import evaluate
+    from reading import summarize
+
+    for spelling in ("--method", "-l", "--loss"):
+        assert config_module.get_args_parser().parse_args([spelling, "an"]).method == "an"
+    first = main_clip.main(demo_args(demo_root, tmp_path, "--method", "an", "--epochs", "1", "--run-name", "old"))
+    assert first["method"] == "an" and "loss" not in first
+    # As a version before --method wrote the folder: the method under "loss".
+    config_file = tmp_path / "old" / "config.json"
+    saved = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({("loss" if k == "method" else k): v for k, v in saved.items()}))
+    resumed = main_clip.main(config_module.get_args_parser().parse_args(
+        ["--output-dir", str(tmp_path), "--run-name", "old", "--resume", "--epochs", "2"]))
+    assert resumed["method"] == "an" and resumed["epochs_run"] == 2
+    assert evaluate.main(evaluate.get_args_parser().parse_args([str(tmp_path / "old")]))["method"] == "an"
+    summary_file = tmp_path / "old" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary_file.write_text(json.dumps({("loss" if k == "method" else k): v for k, v in summary.items()}))
+    assert summarize.read_runs([tmp_path])[0]["method"] == "an"

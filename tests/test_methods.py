@@ -80,7 +80,7 @@ def test_only_the_vlpl_asl_loss_lacks_the_coefficient_form_after_warm_up():
 
 def test_the_command_line_comes_from_the_registry(tmp_path):
     parser = main_clip.get_args_parser()
-    loss_action = next(a for a in parser._actions if a.dest == "loss")
+    loss_action = next(a for a in parser._actions if a.dest == "method")
     assert list(loss_action.choices) == list(methods.REGISTRY)
     flags = {option for action in parser._actions for option in action.option_strings}
     for name, (hyperparameter, users) in methods.all_hyperparameters().items():
@@ -222,4 +222,4 @@ def test_a_new_method_plugs_in_through_the_registry_and_resumes_exactly(demo_roo
     assert torch.equal(states[0]["log_scale"], states[1]["log_scale"])
     assert not math.isclose(float(states[0]["log_scale"]), math.log(3.0))
     config = json.loads((tmp_path / "once" / "config.json").read_text())
-    assert config["toy_scale_init"] == 3.0 and config["loss"] == "toy_scaled_an"
+    assert config["toy_scale_init"] == 3.0 and config["method"] == "toy_scaled_an"

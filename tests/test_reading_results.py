@@ -355,7 +355,7 @@ def _run_tool(tool: str, argv: list[str], capsys) -> tuple[int, str]:
 @pytest.mark.parametrize("other, difference", [
     ("image_size", "(image_size: 48 vs 64);"),
     ("head", "(head: 'boostlu' vs 'linear');"),
-    ("method", "loss: 'an' vs 'EM_PL'"),   # and EM_PL's own settings, which an -l an run has not
+    ("method", "method: 'an' vs 'EM_PL'"),   # and EM_PL's own settings, which an -l an run has not
 ])
 def test_checkpoint_of_another_run_is_refused(run_dir, other_runs, tmp_path, capsys, tool, other, difference):
     target = copy_run(run_dir, tmp_path / "copy")

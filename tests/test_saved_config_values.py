@@ -100,7 +100,7 @@ def test_every_methods_saved_config_reads_back_and_a_hyperparameter_of_the_wrong
         demo_root, tmp_path, loss):
     path = saved_config(demo_root, tmp_path, "-l", loss)
     config = json.loads(path.read_text())
-    assert config_module.read_saved_config(path, "--config")["loss"] == loss     # as recorded: accepted
+    assert config_module.read_saved_config(path, "--config")["method"] == loss     # as recorded: accepted
     for hyperparameter in methods.REGISTRY[loss].hyperparameters:
         path.write_text(json.dumps({**config, hyperparameter.name: "1"}))
         with pytest.raises(main_clip.RunError) as error:
