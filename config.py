@@ -10,6 +10,8 @@ flags would be, completed with the settings its version did not record yet
 from __future__ import annotations
 
 import argparse
+import difflib
+import hashlib
 import json
 import math
 import os
@@ -25,19 +27,46 @@ import teacher as teacher_module
 from errors import RunError
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported in one line (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (--help lists every flag)\n")
+
+
+def name_in(names, what: str, aliases: dict[str, str] | None = None):
+    """An argparse type for one of ``names`` (or an alias of one): a near miss (another case, a
+    letter off) is refused with the name meant."""
+    aliases = aliases or {}
+
+    def parse(text: str) -> str:
+        if text in names:
+            return text
+        if text in aliases:
+            return aliases[text]
+        known = {name.lower(): name for name in [*names, *aliases]}
+        near = difflib.get_close_matches(text.lower(), list(known), n=1, cutoff=0.6)
+        hint = f"did you mean {known[near[0]]}? " if near else ""
+        raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; {hint}(choose from {', '.join(names)})")
+    parse.__name__ = what
+    return parse
+
+
 def _method_help() -> str:
     return "; ".join(f"{name}: {method.description}" for name, method in methods.REGISTRY.items())
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="VLPL and the single-positive multi-label methods",
-                                add_help=add_help)
-    p.add_argument("-d", "--dataset", default="pascal", choices=sorted(datasets.DATASETS), help="benchmark to train on")
+    p = OneLineErrorParser(description="VLPL and the single-positive multi-label methods", add_help=add_help)
+    p.add_argument("-d", "--dataset", default="pascal", choices=sorted(datasets.DATASETS),
+                   type=name_in(sorted(datasets.DATASETS), "dataset"), help="benchmark to train on")
     p.add_argument("--method", "-l", "--loss", dest="method", default="EM_PL", choices=list(methods.REGISTRY),
-                   help=f"single-positive method (EM_PL is VLPL; -l / --loss: the original's spelling). "
-                        f"{_method_help()}")
+                   type=name_in(list(methods.REGISTRY), "method", methods.ALIASES),
+                   help=f"single-positive method (EM_PL is VLPL, also accepted as -l VLPL; -l / --loss: the "
+                        f"original's spelling). {_method_help()}")
     p.add_argument("-g", "--gpu", type=int, default=0, help="CUDA device index; without CUDA the run uses the CPU")
-    p.add_argument("-m", "--model", default="resnet50", choices=models.BACKBONES, help="trainable backbone")
+    p.add_argument("-m", "--model", default="resnet50", choices=models.BACKBONES,
+                   type=name_in(models.BACKBONES, "backbone"), help="trainable backbone")
     p.add_argument("--head", default="linear", choices=list(models.HEADS),
                    help="classifier head: " + "; ".join(f"{name}: {head.description}" for name, head in models.HEADS.items()))
     p.add_argument("-t", "--temp", type=float, default=0.01, help="softmax temperature of the CLIP similarities")
@@ -110,7 +139,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="local weights of the --teacher CLIP (OpenAI .pt, a state dict, or a Hugging Face transformers folder)")
     g.add_argument("--tiny-models", action="store_true", help="tiny randomly initialised models of the same classes (tests, demo)")
     g.add_argument("--output-dir", default="results", help="folder that receives one sub-folder per run")
-    g.add_argument("--run-name", default=None, help="run folder name (default <dataset>_<model>_<method>_seed<seed>)")
+    g.add_argument("--run-name", default=None, help="run folder name (default <dataset>_<model>_<method>_seed<seed>[_tiny]_<hash of the other settings that "
+                        "change the numbers>)")
     g.add_argument("--resume", action="store_true", help="continue the run in the run folder from its last.pt")
     g.add_argument("--config", default=None, metavar="CONFIG_JSON",
                    help="start a new run from a run's config.json; flags set to other than their defaults override it "
@@ -224,20 +254,47 @@ def apply_saved_config(args: argparse.Namespace, given: set[str] | None = None) 
     return _with_saved(args, saved, given)
 
 
-def default_run_name(args: argparse.Namespace) -> str:
-    return f"{args.dataset}_{args.model}_{args.method}_seed{args.seed}"
+# Settings a default run name leaves out of its hash: where the run is, what a resume may change
+# (the name must survive --resume --epochs N), and the seed, which the name spells out.
+_NOT_IN_NAME_HASH = rundir.RESUMABLE_CHANGES | rundir.LOCATION_SETTINGS | {"seed", "cache_dir"}
+
+
+def default_run_name(config: dict) -> str:
+    """``<dataset>_<model>_<method>_seed<seed>[_tiny]_<hash>`` of a resolved configuration:
+    readable, and unique per configuration (the hash covers every other setting that can change
+    the numbers: --head, --teacher, --data-root, the method's hyperparameters...)."""
+    settings = {key: value for key, value in config.items() if key not in _NOT_IN_NAME_HASH}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    tiny = "_tiny" if config["tiny_models"] else ""
+    return f"{legacy_run_name(config)}{tiny}_{digest}"
+
+
+def legacy_run_name(config: dict) -> str:
+    """The default run name of versions before the hash (their run folders still resume)."""
+    return f"{config['dataset']}_{config['model']}_{config['method']}_seed{config['seed']}"
+
+
+def _folder_to_resume(args: argparse.Namespace) -> str:
+    """The default run name of these flags, or the older default name when only that folder exists."""
+    config = resolve_config(argparse.Namespace(**{**vars(args), "run_name": None}))
+    name = config["run_name"]
+    if not (Path(args.output_dir) / name).exists() and (Path(args.output_dir) / legacy_run_name(config)).is_dir():
+        return legacy_run_name(config)
+    return name
 
 
 def apply_resumed_config(args: argparse.Namespace, given: set[str] | None = None) -> argparse.Namespace:
     """``--resume``: the run continues as its config.json says, the ``given`` flags (None: those
     set to other than their defaults) overriding it (``prepare_run_dir`` refuses those that change
     what it computes)."""
-    run_dir = rundir.run_dir_for(args.output_dir, args.run_name or default_run_name(args))
+    run_dir = rundir.run_dir_for(args.output_dir, args.run_name or _folder_to_resume(args))
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise RunError(f"--resume: {run_dir} holds no run (no config.json); start the run without --resume")
     # The folder is where the command line says it is now (it may have been moved or renamed).
-    return _with_saved(args, read_saved_config(config_file, "--resume:"), given, _NOT_CARRIED | _LOCATION)
+    args = _with_saved(args, read_saved_config(config_file, "--resume:"), given, _NOT_CARRIED | _LOCATION)
+    args.run_name = run_dir.name
+    return args
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -259,8 +316,6 @@ def resolve_config(args: argparse.Namespace) -> dict:
             config[key] = value
     if config["image_size"] is None:
         config["image_size"] = models.input_size(args.model, tiny=args.tiny_models, teacher=config["teacher"])
-    if config["run_name"] is None:
-        config["run_name"] = default_run_name(args)
     info = datasets.get_dataset_info(args.dataset)
     if config["text_features"] is None:
         config["text_features"] = str(datasets.dataset_dir(args.data_root, args.dataset)
@@ -274,6 +329,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
             pseudo_labels.RULES[method.pseudo_label_rule].check_config(config)
     except ValueError as error:
         raise RunError(str(error)) from error
+    if config["run_name"] is None:
+        config["run_name"] = default_run_name(config)
     return config
 
 

@@ -245,6 +245,11 @@ def load_formatted(data_root: str | os.PathLike, name: str, phase: str) -> Forma
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     paths = formatted_paths(dataset_dir(data_root, name), phase)
+    inside = formatted_paths(data_root, phase)
+    if not paths["images"].is_file() and inside["images"].is_file() and Path(data_root).name == name:
+        # --data-root names the dataset's own folder, not the folder that holds it.
+        raise FileNotFoundError(f"missing {paths['images']}: --data-root {data_root} is the {name} folder itself; "
+                                f"give the folder that holds it: --data-root {Path(data_root).parent}")
     for key in ("images", "labels"):
         if not paths[key].is_file():
             raise FileNotFoundError(f"missing {paths[key]}; create it with: "

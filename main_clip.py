@@ -63,6 +63,10 @@ def check_run_dir(config: dict, run_dir: Path) -> None:
     """A new run never goes into a started one, one holding results (a finished run whose last.pt
     is gone keeps them) or one holding other files; a resumed run keeps what it computes."""
     if not config["resume"] and rundir.is_started(run_dir):
+        changed = _changes_from_the_saved_run(config, run_dir)
+        if changed:  # --resume would be refused: say what differs instead
+            raise RunError(f"run folder {run_dir} holds a run of another configuration ({', '.join(changed)}); "
+                           f"choose another --run-name, or give its settings and --resume to continue it")
         raise RunError(f"run folder {run_dir} already exists: pass --resume to continue it or choose another --run-name")
     results = rundir.result_files(run_dir)
     if results and not rundir.is_started(run_dir):
@@ -77,6 +81,13 @@ def check_run_dir(config: dict, run_dir: Path) -> None:
     elif rundir.foreign_files(run_dir):
         raise RunError(f"run folder {run_dir} holds files that are not a run's ({', '.join(rundir.foreign_files(run_dir)[:3])}); "
                        f"choose another --run-name")
+
+
+def _changes_from_the_saved_run(config: dict, run_dir: Path) -> list[str]:
+    """How ``config`` differs from the configuration of the run in ``run_dir`` (what a --resume
+    with these flags would refuse)."""
+    saved = config_module.read_saved_config(run_dir / "config.json", "the run folder's")
+    return rundir.changed_settings(saved, config)
 
 
 def read_resume_state(config: dict, run_dir: Path) -> dict:
@@ -185,7 +196,17 @@ def main(args: argparse.Namespace, given: set[str] | None = None) -> dict:
             raise RunError(f"{error}; then {next_step(config, run_dir)}") from error
     if args.demo:
         print(DEMO_NOTICE)
+        print(demo_next_steps(run_dir, Path(config["output_dir"])))
     return summary
+
+
+def demo_next_steps(run_dir: Path, output_dir: Path) -> str:
+    """Where the demo's run is, and the commands that read it."""
+    commands = [f"python evaluate.py {shlex.quote(str(run_dir))}                  # its best.pt on the test split",
+                f"python instrumentation.py {shlex.quote(str(output_dir))}            # every run, the paper's table",
+                f"python instrumentation.py {shlex.quote(str(output_dir))} --plot {shlex.quote(str(output_dir / 'plots'))}"
+                f"   # its curves as PNGs"]
+    return f"run folder: {run_dir}\nnext:\n  " + "\n  ".join(commands)
 
 
 def next_step(config: dict, run_dir: Path) -> str:
@@ -217,9 +238,6 @@ def setup(config: dict, dist: Distributed = Distributed()) -> engine.Setup:
         raise RunError(f"-l {config['method']} keeps per-process trainable state that torchrun would not synchronise; "
                        f"run it in one process")
     needs_teacher = method.needs_pseudo_labels or backbone.copies_clip_tower
-    models.check_weights_available(config["model"], backbone_weights=config["backbone_weights"],
-                                   clip_weights=config["clip_weights"], need_teacher=needs_teacher,
-                                   tiny=config["tiny_models"], teacher=config["teacher"])
     device = select_device(config["gpu"], dist)
     for flag, batch in (("--bsize", config["bsize"]), ("--head-bsize", config["head_bsize"])):
         if batch is not None and batch % dist.world_size:
@@ -233,6 +251,10 @@ def setup(config: dict, dist: Distributed = Distributed()) -> engine.Setup:
     benchmark = datasets.load_benchmark(
         config["data_root"], config["dataset"], val_frac=config["val_frac"], split_seed=config["split_seed"],
         subsample_seed=config["subsample_seed"], train_frac=config["train_frac"], val_frac_keep=config["val_frac_keep"])
+    # Missing data is reported before missing weights: the data is what a newcomer makes first.
+    models.check_weights_available(config["model"], backbone_weights=config["backbone_weights"],
+                                   clip_weights=config["clip_weights"], need_teacher=needs_teacher,
+                                   tiny=config["tiny_models"], teacher=config["teacher"])
     teacher = text_features = None
     if needs_teacher:
         teacher = teacher_module.build_teacher(config["clip_weights"], teacher=config["teacher"],

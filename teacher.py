@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,10 +196,14 @@ def text_features_file(info: datasets.DatasetInfo, teacher: str = models.DEFAULT
     return f"{path.stem}_{teacher}{path.suffix}"
 
 
-def _text_features_command(dataset: str | None, teacher: str | None = None) -> str:
-    # --teacher only when it is not make_text_features.py's default (the shortest right command).
-    option = f" --teacher {teacher}" if teacher not in (None, models.DEFAULT_TEACHER) else ""
-    return f"python preproc/make_text_features.py --dataset {dataset or 'NAME'}{option}"
+def _text_features_command(dataset: str | None, teacher: str | None = None, data_root: str | None = None,
+                            tiny: bool = False) -> str:
+    # The run's own settings, each only where it is not make_text_features.py's default (the
+    # shortest command that makes the file this run reads).
+    options = "".join((f" --teacher {teacher}" if teacher not in (None, models.DEFAULT_TEACHER) else "",
+                       f" --data-root {shlex.quote(str(data_root))}" if data_root not in (None, "data") else "",
+                       " --tiny" if tiny else ""))
+    return f"python preproc/make_text_features.py --dataset {dataset or 'NAME'}{options}"
 
 
 def _warn_stderr(message: str) -> None:
@@ -212,6 +217,7 @@ UNIT_NORM_TOLERANCE = 1e-2
 
 def load_text_features(path: str | os.PathLike, num_classes: int, embed_dim: int, *,
                        dataset: str | None = None, teacher: str | None = None,
+                       data_root: str | None = None, tiny: bool = False,
                        warn: Callable[[str], None] = _warn_stderr) -> torch.Tensor:
     """A K x D float32 ``.npy``, rows used as stored (as the original code did). Errors name the
     file, the expected K x D (or the bad row: zero or non-finite) and the command that makes a
@@ -219,7 +225,7 @@ def load_text_features(path: str | os.PathLike, num_classes: int, embed_dim: int
     ``warn`` (stderr)."""
     path = Path(path)
     expected = f"{num_classes} x {embed_dim} (classes x teacher embedding width)"
-    remake = f"`{_text_features_command(dataset, teacher)}`"
+    remake = f"`{_text_features_command(dataset, teacher, data_root, tiny)}`"
     if not path.is_file():
         raise FileNotFoundError(f"text features {path} not found; expected a {expected} .npy: "
                                 f"make it with {remake}")

@@ -25,7 +25,10 @@ REGISTRY: dict[str, type[Method]] = {method.name: method for method in (
     AssumeNegativeLabelSmoothing, WeakAssumeNegative, ExpectedPositiveRegularizer, ROLE, GR, AEVLP,
 )}
 
-__all__ = ["REGISTRY", "Method", "CoefficientMethod", "Hyperparameter", "LossInputs", "PROTOCOL_DEFAULTS",
+# Other names a method is known by: the paper's name of EM_PL.
+ALIASES = {"VLPL": "EM_PL"}
+
+__all__ = ["REGISTRY", "ALIASES", "Method", "CoefficientMethod", "Hyperparameter", "LossInputs", "PROTOCOL_DEFAULTS",
            "NO_PROTOCOL", "get_method", "all_hyperparameters", "add_hyperparameter_arguments",
            "protocol_table_gaps", "check_protocol_tables"]
 

@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 import datasets  # noqa: E402
-from preproc import report_formatted, run_script  # noqa: E402
+from preproc import after_formatting, report_formatted, run_script  # noqa: E402
 
 README_HINT = "see data/cub/README.md"
 
@@ -152,4 +152,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run_script(main, get_args_parser())
+    run_script(main, get_args_parser(), next_step=after_formatting("cub"))

@@ -145,8 +145,8 @@ def main(args: argparse.Namespace) -> None:
     ids = make_demo_data(args.out, args.num_train, args.num_val, args.seed, args.image_size)
     print(f"wrote {len(ids['train'])} train and {len(ids['val'])} val images "
           f"({args.image_size} px) in the VOC 2012 layout to {args.out}")
-    print(f"next: python preproc/format_pascal.py --load-path {args.out} --save-path {args.out}")
 
 
 if __name__ == "__main__":
-    run_script(main, get_args_parser())
+    run_script(main, get_args_parser(),
+               next_step=lambda args: f"next: python preproc/format_pascal.py --load-path {args.out} --save-path {args.out}")

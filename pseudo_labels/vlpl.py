@@ -50,7 +50,8 @@ class VLPLRule(PseudoLabelRule):
     @classmethod
     def text_features(cls, config, teacher, num_classes):
         return teacher_module.load_text_features(config["text_features"], num_classes, teacher.embed_dim,
-                                                 dataset=config["dataset"], teacher=config["teacher"])
+                                                 dataset=config["dataset"], teacher=config["teacher"],
+                                                 data_root=config["data_root"], tiny=config["tiny_models"])
 
     def teacher_view(self):
         return self.context.teacher.view(self.context.config["teacher_view"]) if self.online else None

@@ -85,7 +85,10 @@ def _read_run(run_dir: Path) -> dict:
                 return source[key]
         return None
 
-    row = {"run": run_dir.name, "run_path": str(run_dir), "dataset": field("dataset"), "model": field("model"),
+    model = field("model")
+    if model is not None and config is not None and config.get("tiny_models"):
+        model = f"{model} (tiny)"  # tiny random models: a pipeline check, not a benchmark result
+    row = {"run": run_dir.name, "run_path": str(run_dir), "dataset": field("dataset"), "model": model,
            "method": field("method"), "seed": field("seed"), "best_epoch": None, "val": None, "test": None,
            "problems": problems, "group": None, "config": config}
     if summary is not None:
