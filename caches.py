@@ -1,4 +1,4 @@
-"""Embedding caches: encoder outputs computed once per image and kept on disk (DESIGN section 6).
+"""Embedding caches: encoder outputs computed once per image and kept on disk (docs/DESIGN.md §8).
 
 ``cached_embeddings`` is the cache itself: keyed by everything the outputs depend on (encoder
 fingerprint, the image files by path, size and modification time, input size, normalisation),

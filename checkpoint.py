@@ -1,4 +1,4 @@
-"""The run's checkpoints, decided and written in one place (DESIGN section 7).
+"""The run's checkpoints, decided and written in one place (docs/DESIGN.md §7).
 
 ``last.pt`` after every epoch holds everything a resume needs (model, optimizer, scaler, label
 state, method state, early stopping, logger); ``best.pt`` holds the weights and the method state

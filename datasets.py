@@ -1,6 +1,6 @@
 """Dataset registry, formatted-file loading, the train/val split, transforms and Dataset classes.
 
-The benchmark construction follows DESIGN.md section 3 exactly: the formatted files under
+The benchmark construction follows docs/DESIGN.md §2 exactly: the formatted files under
 ``<data_root>/<name>/`` are loaded unchanged, the official train set is split into train/val with
 ``split_train_val`` and the official val set becomes the test set.
 """
@@ -294,7 +294,7 @@ def split_train_val(num_images: int, val_frac: float = 0.2, split_seed: int = 12
                     val_frac_keep: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Indices (sorted, int64) of the train and val parts of the official train set.
 
-    Exactly DESIGN section 3: a RandomState(split_seed) permutation cut into train/val, then a
+    Exactly docs/DESIGN.md §2: a RandomState(split_seed) permutation cut into train/val, then a
     RandomState(subsample_seed) subsample of each part (drawn even when the fraction is 1).
     """
     _check_fraction(val_frac, "val_frac", allow_one=False)

@@ -1,4 +1,4 @@
-"""The training run: stages, the epoch loop, and the train / eval steps (DESIGN sections 4, 6, 7).
+"""The training run: stages, the epoch loop, and the train / eval steps (docs/DESIGN.md §3, §6, §7).
 
 Reading order: the steps (``train_step``; ``head_train_step`` and ``train_head_epoch`` for the
 head alone on cached features) and evaluation (``predict``, ``evaluate``); ``EarlyStopping``;

@@ -1,4 +1,4 @@
-"""The run logger (DESIGN section 7) and the names of the run files it writes.
+"""The run logger (docs/DESIGN.md §7) and the names of the run files it writes.
 
 ``RunLogger`` collects one phase's predictions and labels into preallocated arrays, scores them
 with ``metrics.py`` against the clean and the observed labels, keeps the best epoch (strictly

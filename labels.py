@@ -1,5 +1,5 @@
 """The training split's labels, owned in one place: observed (which methods may change), clean,
-and the teacher's pseudo-labels (DESIGN sections 4 and 9).
+and the teacher's pseudo-labels (docs/DESIGN.md §6 and §9).
 
 Methods change observed labels only through ``update_observed``; ``sync`` brings every rank's
 changes to every rank (torchrun), and ``state_dict`` puts them in checkpoints. ``restart`` goes

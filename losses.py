@@ -1,7 +1,7 @@
-"""The loss family of DESIGN section 4, as pure tensor functions.
+"""The loss family of docs/DESIGN.md §3, as pure tensor functions.
 
 Every loss but EM_PL_ASL is ``combine(preds, on_pos, on_neg, on_entropy)``, the B x K loss
-matrix L of its DESIGN row (entries a loss does not mention are 0), with coefficient matrices
+matrix L of its docs/DESIGN.md §3 row (entries a loss does not mention are 0), with coefficient matrices
 that depend on the labels only (``*_coefficients``); ``em_pl_asl_matrix`` gives EM_PL_ASL's L;
 ``mean_loss`` is the batch loss ``sum(L) / (B * K)``. Which loss a run uses, with its warm-up, is
 its method's business (``methods/``). Where masks of one loss overlap, later rules win, in the
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 LOG_EPSILON = 1e-5
-# Label smoothing of the pseudo-label terms of EM_PL (DESIGN: 0.9 / 0.1), as in the original.
+# Label smoothing of the pseudo-label terms of EM_PL (docs/DESIGN.md §3: 0.9 / 0.1), as in the original.
 PSEUDO_SMOOTHING = 0.1
 
 

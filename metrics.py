@@ -1,4 +1,4 @@
-"""Evaluation metrics for multi-label classification (DESIGN section 4, "Metrics"), vectorised numpy.
+"""Evaluation metrics for multi-label classification (docs/DESIGN.md §4), vectorised numpy.
 
 Targets: entries equal to 1 are positive, anything else (0, -1, soft negatives) is not, so both
 clean 0/1 labels and observed -1/0/+1 labels can be scored directly.
@@ -73,7 +73,7 @@ def _average_precision(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     for c in range(num_classes):
         pos_scores = scores_t[c][positive_t[c]]
         if pos_scores.size == 0:
-            continue  # no positives: AP 0 by definition (DESIGN), still counted in the mean
+            continue  # no positives: AP 0 by definition (docs/DESIGN.md §4), still counted in the mean
         pos_scores.sort()
         items_ge = num_examples - np.searchsorted(sorted_scores[c], pos_scores, side="left")
         positives_ge = pos_scores.size - np.searchsorted(pos_scores, pos_scores, side="left")

@@ -1,4 +1,4 @@
-"""Backbones, heads and weight loading (DESIGN section 6).
+"""Backbones, heads and weight loading (docs/DESIGN.md §6).
 
 * The backbone table (``BackboneSpec``, ``backbone_spec``) holds every fact about a backbone the
   rest of the code asks: input size, input normalisation, convolutional or not, feature size,
@@ -304,7 +304,7 @@ def build_model(backbone: str, num_classes: int, *, backbone_weights: str | os.P
                 clip_model: CLIP | None = None, tiny: bool = False,
                 clip_weights: str | os.PathLike | None = None, pretrained: bool = True,
                 head: str = "linear", teacher: str = DEFAULT_TEACHER) -> Classifier:
-    """The ``backbone`` with a ``num_classes`` head (DESIGN section 6).
+    """The ``backbone`` with a ``num_classes`` head (docs/DESIGN.md §6).
 
     resnet50 / convnext: weights from ``backbone_weights`` when given, else the library download
     (tiny: random init, unless ``backbone_weights`` is given). clip_vision: a trainable deep copy

@@ -1,4 +1,4 @@
-"""The run folder: where a run lives, and the rules that keep it whole (DESIGN section 7).
+"""The run folder: where a run lives, and the rules that keep it whole (docs/DESIGN.md §7).
 
 A run folder is either a started run (``last.pt`` exists: ``--resume`` continues it) or not yet
 one (only files a run writes before its first checkpoint: the same command starts it again).

@@ -1,4 +1,4 @@
-"""The frozen CLIP teacher and its pseudo-labels (DESIGN section 4).
+"""The frozen CLIP teacher and its pseudo-labels (docs/DESIGN.md §3).
 
 * ``teacher_input`` is what the teacher's image encoder receives for a training image and its
   flip, under a named view (``TEACHER_VIEWS``: ``original``, the published pipeline, and
@@ -162,7 +162,7 @@ def pseudo_labels_from_embeddings(embeddings: torch.Tensor | np.ndarray,
                                   text_features: torch.Tensor | np.ndarray, temperature: float,
                                   threshold: float, partial: float
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DESIGN section 4: s = softmax(e T^T / temperature) over classes; q = +1 where
+    """docs/DESIGN.md §3: s = softmax(e T^T / temperature) over classes; q = +1 where
     s > threshold; then, if partial > 0, the int(partial * K) classes with the smallest s of
     each row get q = -1 (applied last, so it wins in the corner case threshold < 1/K).
     Ties among the smallest s go to the lower class index (stable sort).

@@ -103,7 +103,7 @@ PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", weight_decay=0.0,
                          head_bsize=None,  # None: head-only epochs use --bsize
                          patience=0, max_drop=0.0, teacher=models.DEFAULT_TEACHER)
 
-# VLPL's settings (DESIGN section 5), shared by the methods of its results table: per dataset, a
+# VLPL's settings (docs/DESIGN.md §5), shared by the methods of its results table: per dataset, a
 # row or NO_PROTOCOL.
 VLPL_DATASET_DEFAULTS = {
     "pascal": dict(lr=1e-5, alpha=0.2),

@@ -1,5 +1,5 @@
 """Loss-only baselines: the clean-label oracle ``bce``, assume-negative ``an`` and the ``iun``
-oracle (DESIGN section 4)."""
+oracle (docs/DESIGN.md §3)."""
 from __future__ import annotations
 
 import losses

@@ -21,7 +21,7 @@ class EM(CoefficientMethod):
         return losses.em_coefficients(observed, self.hp.alpha)
 
 
-# Zhou et al.'s settings (DESIGN section 5): batch, lr, alpha, beta, warm-up per dataset (a row, or
+# Zhou et al.'s settings (docs/DESIGN.md §5): batch, lr, alpha, beta, warm-up per dataset (a row, or
 # NO_PROTOCOL).
 APL_DATASET_DEFAULTS = {
     "pascal": dict(bsize=8, lr=1e-5, alpha=0.2, beta=0.02, warmup_epoch=5),

@@ -1,5 +1,5 @@
 """VLPL (Xing et al. 2024): EM plus the CLIP teacher's pseudo-labels (EM_PL), and its asymmetric
-focal variant (EM_PL_ASL). DESIGN section 4."""
+focal variant (EM_PL_ASL). docs/DESIGN.md §3."""
 from __future__ import annotations
 
 import losses

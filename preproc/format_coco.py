@@ -1,4 +1,4 @@
-"""Format MS-COCO 2014 labels into the formatted files (DESIGN.md section 3, bit-exact).
+"""Format MS-COCO 2014 labels into the formatted files (docs/DESIGN.md §2, bit-exact).
 
 Run from the repository root:
     python preproc/format_coco.py [--load-path data/coco] [--save-path data/coco]

@@ -1,4 +1,4 @@
-"""Format CUB-200-2011 attribute labels (312 classes) into the formatted files (DESIGN.md sec. 3).
+"""Format CUB-200-2011 attribute labels (312 classes) into the formatted files (docs/DESIGN.md §2).
 
 Run from the repository root:
     python preproc/format_cub.py [--load-path data/cub] [--save-path data/cub]

@@ -9,7 +9,7 @@ Run from the repository root:
 ``Groundtruth/TrainTestLabels/Labels_<concept>_{Train,Test}.txt`` and the images under
 ``Flickr/``. The official Train split becomes ``formatted_train_*``, the official Test split
 ``formatted_val_*`` (the test set, as for the other datasets). The literature uses pre-formatted
-files of a re-crawled subset instead (DESIGN.md section 3); numbers from the two are not
+files of a re-crawled subset instead (docs/DESIGN.md §2); numbers from the two are not
 comparable (see data/nuswide/README.md).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Format PASCAL VOC 2012 labels into the formatted files (DESIGN.md section 3, bit-exact).
+"""Format PASCAL VOC 2012 labels into the formatted files (docs/DESIGN.md §2, bit-exact).
 
 Run from the repository root:
     python preproc/format_pascal.py [--load-path data/pascal] [--save-path data/pascal]

@@ -1,4 +1,4 @@
-"""Draw the observed (single-positive) labels from the clean labels (DESIGN.md section 3).
+"""Draw the observed (single-positive) labels from the clean labels (docs/DESIGN.md §2).
 
 Run from the repository root:
     python preproc/generate_observed_labels.py --dataset NAME [--data-root data] [--num-pos 1]
@@ -36,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def observed_labels(labels01: np.ndarray, num_pos: int, num_neg: int, seed: int) -> np.ndarray:
-    """Observed -1/0/+1 float64 matrix drawn from a 0/1 matrix, exactly as DESIGN section 3.
+    """Observed -1/0/+1 float64 matrix drawn from a 0/1 matrix, exactly as docs/DESIGN.md §2.
 
     A fresh RandomState(seed); per row in order, the positive indices are shuffled and the first
     ``num_pos`` kept, then the negative indices are shuffled (even when num_neg is 0, because the

@@ -1,4 +1,4 @@
-"""VLPL's pseudo-labels (DESIGN section 4): the teacher's embedding of the training image,
+"""VLPL's pseudo-labels (docs/DESIGN.md §3): the teacher's embedding of the training image,
 softmax over the class text features, threshold, partial negatives (``-t``, ``-th``, ``-p``).
 
 Both flips of every official training image are embedded once and cached; each batch takes the

@@ -1,7 +1,7 @@
 """A reference dispatch by loss name over ``losses.py``'s formulas, for the tests only.
 
 Training runs each loss through its method (``methods/``, whose registry is the one dispatch).
-This module keeps a second, independent route to the same numbers: the loss of DESIGN section 4
+This module keeps a second, independent route to the same numbers: the loss of docs/DESIGN.md §3
 named ``name``, with VLPL's warm-up rule written out again, the inputs validated, and epr's
 regulariser added. tests/test_losses.py checks it against per-entry formulas; tests/test_methods.py
 and tests/test_cole.py check each method's loss against it.
@@ -20,7 +20,7 @@ from torch import Tensor
 
 import losses
 
-# The seven losses of DESIGN section 4, then Cole et al.'s three of combine's form.
+# The seven losses of docs/DESIGN.md §3, then Cole et al.'s three of combine's form.
 LOSS_NAMES = ("bce", "an", "iun", "EM", "EM_APL", "EM_PL", "EM_PL_ASL")
 COLE_LOSS_NAMES = ("an_ls", "wan", "epr")
 LOSSES_NEEDING_PSEUDO = frozenset({"EM_PL", "EM_PL_ASL"})

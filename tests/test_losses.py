@@ -1,5 +1,5 @@
 """losses.py's formulas, reached by loss name through the tests' reference dispatch
-(reference_losses.py), against an independent per-entry computation of the DESIGN section 4 formulas."""
+(reference_losses.py), against an independent per-entry computation of the docs/DESIGN.md §3 formulas."""
 from __future__ import annotations
 
 import math
@@ -25,8 +25,8 @@ def entropy(p: float) -> float:
 
 
 def reference_entry(name, p, o, q, t, hp, epoch) -> float:
-    """One entry of L, written straight from the DESIGN table (first matching rule, read as the
-    DESIGN describes disjoint cases)."""
+    """One entry of L, written straight from the docs/DESIGN.md §3 table (first matching rule, read as the
+    docs/DESIGN.md describes disjoint cases)."""
     if name == "bce":
         return nl(p) if t == 1 else nl(1 - p)
     if name == "an":

@@ -39,7 +39,7 @@ def random_labels(seed: int, batch: int = 7, classes: int = 6):
     return logits, observed, pseudo, clean
 
 
-# The seven losses of DESIGN section 4, reachable through reference_losses.compute_loss; the methods
+# The seven losses of docs/DESIGN.md §3, reachable through reference_losses.compute_loss; the methods
 # added since have their formulas tested in their own files (test_large_loss.py, test_cole.py).
 SEVEN = [name for name in methods.REGISTRY if name in reference_losses.LOSS_NAMES]
 

@@ -34,7 +34,7 @@ def loop_average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def loop_metrics(scores: np.ndarray, targets: np.ndarray) -> dict:
-    """DESIGN's definitions with one Python loop per image (tie rule: lower class index first)."""
+    """docs/DESIGN.md §4's definitions with one Python loop per image (tie rule: lower class index first)."""
     positive = targets == 1
     num_examples, num_classes = scores.shape
     results = {"map": 100.0 * float(np.mean([loop_average_precision(scores[:, c], positive[:, c])

@@ -1,4 +1,4 @@
-"""Observed labels and the train/val split against plain implementations of DESIGN section 3."""
+"""Observed labels and the train/val split against plain implementations of docs/DESIGN.md §2."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +9,7 @@ from preproc import generate_observed_labels as gol
 
 
 def plain_observed(labels: np.ndarray, num_pos: int, num_neg: int, seed: int) -> np.ndarray:
-    """DESIGN section 3 written out step by step."""
+    """docs/DESIGN.md §2 written out step by step."""
     y = labels.astype(np.float64).copy()
     y[y == 0] = -1
     rng = np.random.RandomState(seed)

@@ -1,4 +1,4 @@
-"""The frozen CLIP teacher, pseudo-labels (DESIGN section 4), text features and the report."""
+"""The frozen CLIP teacher, pseudo-labels (docs/DESIGN.md §3), text features and the report."""
 from __future__ import annotations
 
 import numpy as np
@@ -92,7 +92,7 @@ IMAGE = torch.tensor([[1.0, 0.0, 0.0]])           # dot products: 1, 0, 0, 0.6
 
 
 def reference_pseudo_labels(e, t, temperature, threshold, partial):
-    """Straightforward per-row version of DESIGN section 4."""
+    """Straightforward per-row version of docs/DESIGN.md §3."""
     e, t = np.asarray(e, dtype=np.float64), np.asarray(t, dtype=np.float64)
     logits = e @ t.T / temperature
     s = np.exp(logits - logits.max(axis=1, keepdims=True))
