@@ -158,6 +158,14 @@ def build_teacher(clip_weights: str | os.PathLike | None = None, *, teacher: str
 # Pseudo-labels and text features
 # ----------------------------------------------------------------------------------------------
 
+def cosine_similarities(embeddings: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """... x K cosine similarities of ... x D image embeddings with K x D text features (both
+    L2-normalised, as AEVLP's generator does before its product)."""
+    e = F.normalize(torch.as_tensor(embeddings).float(), dim=-1)
+    t = F.normalize(torch.as_tensor(text_features).float().to(e.device), dim=-1)
+    return e @ t.T
+
+
 def pseudo_labels_from_embeddings(embeddings: torch.Tensor | np.ndarray,
                                   text_features: torch.Tensor | np.ndarray, temperature: float,
                                   threshold: float, partial: float

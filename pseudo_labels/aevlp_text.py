@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import datasets
-from pseudo_labels import damp
+from teacher import cosine_similarities
 
 # Byte-for-byte copies of AEVLP's data/classnames/*_labels.txt (see the README there), at the
 # repository root.
@@ -106,7 +106,7 @@ def class_similarity(text_features: torch.Tensor | np.ndarray) -> torch.Tensor:
     features = _as_float32_matrix(text_features, "text_features")
     if bool((features.norm(dim=1) == 0).any()):
         raise ValueError("text_features has an all-zero row: its cosine similarity is undefined")
-    return damp.cosine_similarities(features, features)
+    return cosine_similarities(features, features)
 
 
 def aevlp_relation(similarity: torch.Tensor | np.ndarray, *, sparse_topk: int, reweight_p: float,

@@ -25,14 +25,15 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms import functional as TF
 
 import datasets
 import teacher as teacher_module
+from pseudo_labels import aevlp_text
 from caches import Encoder
+from teacher import cosine_similarities
 from distributed import Distributed
 from pseudo_labels.base import PseudoLabelRule, RuleContext
 
@@ -159,14 +160,6 @@ def damp_pseudo_labels(views: torch.Tensor, observed: torch.Tensor, accumulated:
         lowest = torch.sort(score, dim=1, stable=True).indices[:, :num_cleared]
         current.scatter_(1, lowest, 0)
     return accumulated_out, current
-
-
-def cosine_similarities(embeddings: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """... x K cosine similarities of ... x D image embeddings with K x D text features (both
-    L2-normalised, as AEVLP's generator does before its product)."""
-    e = F.normalize(torch.as_tensor(embeddings).float(), dim=-1)
-    t = F.normalize(torch.as_tensor(text_features).float().to(e.device), dim=-1)
-    return e @ t.T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,8 +311,6 @@ class DampRule(PseudoLabelRule):
         """AEVLP's: the teacher's raw text embeddings of "a photo of a {name}." for its class-name
         lists, perturbed by its frozen graph convolution (``--text-gcn``, seeded by ``-s``),
         L2-normalised."""
-        # Imported here: aevlp_text takes its cosine similarities from this module.
-        from pseudo_labels import aevlp_text
         raw = teacher.encode_text(aevlp_text.aevlp_prompts(config["dataset"]), normalize=False)
         return aevlp_text.aevlp_text_features(raw, config["dataset"], config["seed"], perturb=config["text_gcn"])
 
