@@ -143,7 +143,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "change the numbers>)")
     g.add_argument("--resume", action="store_true", help="continue the run in the run folder from its last.pt")
     g.add_argument("--config", default=None, metavar="CONFIG_JSON",
-                   help="start a new run from a run's config.json; flags set to other than their defaults override it "
+                   help="start a new run from a run's config.json; the flags given on the command line override it "
                         "(needs a new --run-name)")
     g.add_argument("--demo", action="store_true", help="build a tiny synthetic VOC-layout dataset and train tiny models on it")
     return p
