@@ -161,8 +161,49 @@ def _group_label(group_rows: list[dict], all_groups: dict[str, list[dict]]) -> s
 
 
 def read_runs(paths: Iterable[Path]) -> list[dict]:
-    """One row per run folder found in ``paths`` (see ``summarize``), problems included."""
-    return [_read_run(path) if problem is None else _problem_row(path, problem) for path, problem in _expand(paths)]
+    """One row per run folder found in ``paths`` (see ``summarize``), problems included; a run
+    that a sweep's grid selection picked has ``selections`` (``_mark_selected``)."""
+    paths = list(paths)
+    rows = [_read_run(path) if problem is None else _problem_row(path, problem) for path, problem in _expand(paths)]
+    _mark_selected(rows, paths)
+    return rows
+
+
+# -- grid selections: sweep.py --select-by val writes selection_<sweep>.json beside the runs -----------
+
+SELECTION_FILES = "selection_*.json"
+
+
+def _mark_selected(rows: list[dict], paths: list[Path]) -> None:
+    """The rows of the runs a selection file in one of ``paths`` picked (per method, dataset and
+    seed the grid point with the best val mAP) get ``selections``: the sweep, the criterion, the
+    group's other settings and whether every grid point had finished."""
+    by_path = {row["run_path"]: row for row in rows if row["run_path"]}
+    for folder in dict.fromkeys(Path(path) for path in paths if Path(path).is_dir()):
+        for file in sorted(folder.glob(SELECTION_FILES)):
+            content, _ = read_json(file)
+            groups = (content or {}).get("groups")
+            for group in groups if isinstance(groups, list) else []:
+                row = by_path.get(str(folder / str(group.get("selected")))) if isinstance(group, dict) else None
+                if row is not None:
+                    row.setdefault("selections", []).append(
+                        {"sweep": content.get("sweep"), "select_by": content.get("select_by"),
+                         "axes": group.get("axes") or {}, "complete": group.get("complete", True),
+                         "points": f"{group.get('finished')} of {group.get('grid_points')} grid points"})
+
+
+def _selection_notes(row: dict) -> list[str]:
+    return [f"selected by {s['select_by']} mAP in sweep {s['sweep']}" + ("" if s["complete"] else f" ({s['points']})")
+            for s in row.get("selections", [])]
+
+
+def selected_rows(rows: list[dict]) -> list[dict]:
+    """The selected runs as rows of one configuration per (sweep, criterion, other settings), so
+    that the paper's table gives per method and dataset the mean over seeds of the selected runs."""
+    return [{**row, "problems": [], "group": json.dumps({**s["axes"], "selected_by": s["select_by"], "sweep": s["sweep"],
+                                                         **{key: row[key] for key in ("dataset", "model", "method")}},
+                                                        sort_keys=True, default=str)}
+            for row in rows for s in row.get("selections", [])]
 
 
 def seed_groups(rows: list[dict]) -> dict[str, list[dict]]:
@@ -202,7 +243,8 @@ def summary_text(rows: list[dict]) -> str:
     body = [[row["run"], row["dataset"] or "?", row["model"] or "?", row["method"] or "?",
              "?" if row["seed"] is None else row["seed"],
              "n/a" if row["best_epoch"] is None else row["best_epoch"],
-             format_value(row["val"], 2), format_value(row["test"], 2), "; ".join(row["problems"])]
+             format_value(row["val"], 2), format_value(row["test"], 2),
+             "; ".join(row["problems"] + _selection_notes(row))]
             for row in rows]
     text = _table(header, body)
 
@@ -220,6 +262,10 @@ def summary_text(rows: list[dict]) -> str:
     table = paper_table(rows, "text")
     if table:
         text += "\n\n" + table
+    selected = paper_table(selected_rows(rows), "text")
+    if selected:
+        text += "\n\nGrid selection (sweep.py --select-by val): per method, dataset and seed the run with the best " \
+                "val mAP of its grid\n" + selected
     return text + "\n"
 
 
