@@ -52,6 +52,10 @@ def name_in(names, what: str, aliases: dict[str, str] | None = None):
     return parse
 
 
+# -m when it is not given: a method that brings its own model (Method.own_model) runs that instead.
+DEFAULT_MODEL = "resnet50"
+
+
 def _method_help() -> str:
     return "; ".join(f"{name}: {method.description}" for name, method in methods.REGISTRY.items())
 
@@ -65,8 +69,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help=f"single-positive method (EM_PL is VLPL, also accepted as -l VLPL; -l / --loss: the "
                         f"original's spelling). {_method_help()}")
     p.add_argument("-g", "--gpu", type=int, default=0, help="CUDA device index; without CUDA the run uses the CPU")
-    p.add_argument("-m", "--model", default="resnet50", choices=models.BACKBONES,
-                   type=name_in(models.BACKBONES, "backbone"), help="trainable backbone")
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL, choices=models.MODELS,
+                   type=name_in(models.MODELS, "backbone"),
+                   help="trainable backbone (clip_prompts: DualCoOp's own model, which -l DualCoOp runs without -m)")
     p.add_argument("--head", default="linear", choices=list(models.HEADS),
                    help="classifier head: " + "; ".join(f"{name}: {head.description}" for name, head in models.HEADS.items()))
     p.add_argument("-t", "--temp", type=float, default=0.01, help="softmax temperature of the CLIP similarities")
@@ -105,6 +110,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=sorted(engine.OPTIMIZERS), default=None,
                    help="optimizer (VLPL: adam; sgd has momentum 0.9)")
     g.add_argument("--weight-decay", type=float, default=None, help="weight decay of the optimizer (VLPL: 0)")
+    g.add_argument("--lr-schedule", choices=sorted(engine.LR_SCHEDULES), default=None,
+                   help="learning rate over a stage's epochs, set at the start of each epoch: constant, or cosine "
+                        "(Dassl's CosineAnnealingLR over the stage's epochs, counted from the end of the warm-up) "
+                        "(per method; VLPL: constant)")
+    g.add_argument("--lr-warmup-epochs", type=int, default=None,
+                   help="the stage's first N epochs run at --lr-warmup-lr, then the schedule starts (Dassl's constant "
+                        "warm-up) (per method; VLPL: 0)")
+    g.add_argument("--lr-warmup-lr", type=float, default=None,
+                   help="learning rate of the warm-up epochs (times a group's multiplier, as --head-lr-mult) "
+                        "(per method; 1e-5)")
     g.add_argument("--head-lr-mult", type=float, default=None, help="the head's learning rate as a multiple of --lr (VLPL: 1)")
     g.add_argument("--patience", type=int, default=None,
                    help="stop a stage after this many epochs without a new best val mAP (0: never; VLPL: 0)")
@@ -136,7 +151,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("weights and outputs")
     g.add_argument("--backbone-weights", default=None, help="local weights file for resnet50 / convnext backbones")
     g.add_argument("--clip-weights", default=None,
-                   help="local weights of the --teacher CLIP (OpenAI .pt, a state dict, or a Hugging Face transformers folder)")
+                   help="local weights of the --teacher CLIP (OpenAI .pt, a state dict, or a Hugging Face transformers "
+                        "folder); -l DualCoOp: of its CLIP RN101 (RN101.pt)")
     g.add_argument("--tiny-models", action="store_true", help="tiny randomly initialised models of the same classes (tests, demo)")
     g.add_argument("--output-dir", default="results", help="folder that receives one sub-folder per run")
     g.add_argument("--run-name", default=None, help="run folder name (default <dataset>_<model>_<method>_seed<seed>[_tiny]_<hash of the other settings that "
@@ -259,11 +275,17 @@ def apply_saved_config(args: argparse.Namespace, given: set[str] | None = None) 
 _NOT_IN_NAME_HASH = rundir.RESUMABLE_CHANGES | rundir.LOCATION_SETTINGS | {"seed", "cache_dir"}
 
 
+# Settings added after the names had a hash, left out of it at the value every run had before them,
+# so that a configuration keeps its default name (and --resume finds its folder).
+_NEW_SETTINGS_AT_OLD_VALUES = dict(methods.base.LR_SCHEDULE_DEFAULTS)
+
+
 def default_run_name(config: dict) -> str:
     """``<dataset>_<model>_<method>_seed<seed>[_tiny]_<hash>`` of a resolved configuration:
     readable, and unique per configuration (the hash covers every other setting that can change
     the numbers: --head, --teacher, --data-root, the method's hyperparameters...)."""
-    settings = {key: value for key, value in config.items() if key not in _NOT_IN_NAME_HASH}
+    settings = {key: value for key, value in config.items() if key not in _NOT_IN_NAME_HASH
+                and not (key in _NEW_SETTINGS_AT_OLD_VALUES and value == _NEW_SETTINGS_AT_OLD_VALUES[key])}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     tiny = "_tiny" if config["tiny_models"] else ""
     return f"{legacy_run_name(config)}{tiny}_{digest}"
@@ -314,6 +336,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
     for key, value in defaults.items():
         if config.get(key) is None:
             config[key] = value
+    for key, value in methods.base.LR_SCHEDULE_DEFAULTS.items():   # where the method's table sets none
+        if config.get(key) is None:
+            config[key] = value
+    _resolve_own_model(config, method)
     if config["image_size"] is None:
         config["image_size"] = models.input_size(args.model, tiny=args.tiny_models, teacher=config["teacher"])
     info = datasets.get_dataset_info(args.dataset)
@@ -334,17 +360,30 @@ def resolve_config(args: argparse.Namespace) -> dict:
     return config
 
 
+def _resolve_own_model(config: dict, method: type[methods.Method]) -> None:
+    """A method that brings its own model runs it: -m left at its default means that model, and
+    is recorded as it; another -m is refused, and so is such a model under another method."""
+    if method.own_model is not None:
+        if config["model"] not in (method.own_model, DEFAULT_MODEL):
+            raise RunError(f"-l {method.name} runs its own model (-m {method.own_model}): leave -m out")
+        config["model"] = method.own_model
+    elif models.backbone_spec(config["model"]).method_built:
+        owners = [name for name, other in methods.REGISTRY.items() if other.own_model == config["model"]]
+        raise RunError(f"-m {config['model']} is the model of -l {', '.join(owners) or '?'}; -l {method.name} "
+                       f"trains a backbone: choose one of {', '.join(models.BACKBONES)}")
+
+
 def _check_values(config: dict) -> None:
     for key, value in config.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise RunError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
-    positive = ["epochs", "bsize", "lr", "temp", "image_size", "head_epochs", "head_lr", "head_lr_mult"]
+    positive = ["epochs", "bsize", "lr", "temp", "image_size", "head_epochs", "head_lr", "head_lr_mult", "lr_warmup_lr"]
     if config["head_bsize"] is not None:
         positive.append("head_bsize")
     for key in positive:
         if not config[key] > 0:
             raise RunError(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
-    for key in ("patience", "max_drop", "num_workers", "weight_decay"):
+    for key in ("patience", "max_drop", "num_workers", "weight_decay", "lr_warmup_epochs"):
         if not config[key] >= 0:
             raise RunError(f"--{key.replace('_', '-')} must be >= 0, got {config[key]}")
     if not 0.0 <= config["partial"] < 1.0:

@@ -241,6 +241,67 @@ OPTIMIZERS: dict[str, Callable[[list[dict], float], torch.optim.Optimizer]] = {
 }
 
 
+def _cosine(epoch: int, epochs: int, warmup_epochs: int) -> float:
+    """Dassl's cosine after its constant warm-up (WARMUP_RECOUNT): CosineAnnealingLR(T_max = the
+    stage's epochs), started when the warm-up ends, so the first epoch after it is at the full rate."""
+    return (1.0 + math.cos(math.pi * (epoch - warmup_epochs - 1) / epochs)) / 2.0
+
+
+# --lr-schedule: (epoch in the stage, the stage's epochs, warm-up epochs) -> factor of each group's
+# learning rate, for the epochs after the warm-up.
+LR_SCHEDULES: dict[str, Callable[[int, int, int], float]] = {
+    "constant": lambda epoch, epochs, warmup_epochs: 1.0,
+    "cosine": _cosine,
+}
+
+
+class LRSchedule:
+    """``--lr-schedule``, ``--lr-warmup-epochs``, ``--lr-warmup-lr`` over one stage: each
+    parameter group's learning rate for the stage's epoch e, set before the epoch's steps (DualCoOp
+    steps its scheduler once per epoch). The first W epochs run at the warm-up rate (times the
+    group's multiplier relative to the stage's rate: ``--head-lr-mult``, a method's groups), then
+    every group at its own rate times ``LR_SCHEDULES[name](e, epochs, W)``. A function of the
+    epoch alone, so a resumed stage repeats the rates of the stage in one go; its state in
+    ``last.pt`` records the base rates and the last epoch set. The constant schedule without a
+    warm-up never touches the optimizer (every run before the setting existed)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, name: str, epochs: int, warmup_epochs: int,
+                 warmup_lr: float, stage_lr: float):
+        if name not in LR_SCHEDULES:
+            raise ValueError(f"unknown --lr-schedule {name!r}; choose one of: {', '.join(LR_SCHEDULES)}")
+        self.optimizer, self.name, self.epochs = optimizer, name, epochs
+        self.warmup_epochs, self.warmup_lr, self.stage_lr = warmup_epochs, warmup_lr, stage_lr
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.epoch = 0
+
+    @property
+    def active(self) -> bool:
+        return self.name != "constant" or self.warmup_epochs > 0
+
+    def rates(self, epoch: int) -> list[float]:
+        """Each group's learning rate in the stage's epoch ``epoch`` (1-based)."""
+        if epoch <= self.warmup_epochs:
+            return [self.warmup_lr * base / self.stage_lr for base in self.base_lrs]
+        factor = LR_SCHEDULES[self.name](epoch, self.epochs, self.warmup_epochs)
+        return [base * factor for base in self.base_lrs]
+
+    def start_epoch(self, epoch: int) -> list[float] | None:
+        """Set the groups' rates for ``epoch``; the rates, or None where the schedule is off."""
+        self.epoch = epoch
+        if not self.active:
+            return None
+        rates = self.rates(epoch)
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        return rates
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "base_lrs": list(self.base_lrs), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base_lrs, self.epoch = list(state["base_lrs"]), state["epoch"]
+
+
 @dataclass
 class Stage:
     """What one kind of epoch trains: the whole model on images, or the head on cached features."""
@@ -255,6 +316,7 @@ class Stage:
     method: methods.Method
     batch_size: int                # the global training batch (--bsize; head stages: --head-bsize)
     stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    lr_schedule: LRSchedule | None = None    # None: the optimizer's rates stay as built
 
     def epoch_in_stage(self, epoch: int) -> int:
         return epoch - self.first_epoch + 1
@@ -291,6 +353,8 @@ class Trainer:
             self.pseudo_labels = pseudo_labels.RULES[self.method_class.pseudo_label_rule](self.rule_context())
 
         torch.manual_seed(config["seed"])
+        if model is None:
+            model = self.method_class.build_model(config, self.num_classes)   # a method's own model, or None
         if model is None:
             clip_model = self.teacher.clip_model if self.teacher is not None else None
             model = models.build_model(config["model"], self.num_classes, backbone_weights=config["backbone_weights"],
@@ -391,8 +455,10 @@ class Trainer:
                 phase_sets["train_eval"] = image_set(bench.train, False)
             net, eval_batch = self.model, config["bsize"]
             batch_size = config["bsize"]
-            groups = [{"params": list(self.model.backbone.parameters()), "lr": config["lr"]},
-                      {"params": list(self.model.head.parameters()), "lr": config["lr"] * config["head_lr_mult"]}]
+            # Frozen parameters (a method's own model: DualCoOp's CLIP) stay out of the optimizer.
+            groups = [{"params": [p for p in self.model.backbone.parameters() if p.requires_grad], "lr": config["lr"]},
+                      {"params": [p for p in self.model.head.parameters() if p.requires_grad],
+                       "lr": config["lr"] * config["head_lr_mult"]}]
         self.labels.restart()
         if self.pseudo_labels is not None:
             self.pseudo_labels.restart()
@@ -409,12 +475,14 @@ class Trainer:
         loaders["train"] = make_loader(phase_sets["train"], batch_size // dist.world_size, config["num_workers"],
                                        sampler=train_sampler)
         optimizer = OPTIMIZERS[config["optimizer"]](groups, config["weight_decay"])
+        schedule = LRSchedule(optimizer, config.get("lr_schedule", "constant"), epochs,
+                              config.get("lr_warmup_epochs", 0), config.get("lr_warmup_lr", 1e-5), base_lr)
         train_net = net
         if dist.enabled:
             train_net = torch.nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return Stage(name, epochs, first_epoch, net, train_net, optimizer, generator, loaders, method, batch_size,
-                     EarlyStopping(config["patience"], config["max_drop"]))
+                     EarlyStopping(config["patience"], config["max_drop"]), schedule)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_last(self, epoch: int, stage: Stage | None) -> None:
@@ -425,7 +493,8 @@ class Trainer:
             labels=self.labels.state_dict() if stage else None,
             pseudo_labels=self.pseudo_labels.state_dict() if stage and self.pseudo_labels is not None else None,
             method=stage.method.state_dict() if stage else None,
-            early_stopping=stage.stopping.state_dict() if stage else None))
+            early_stopping=stage.stopping.state_dict() if stage else None,
+            lr_schedule=stage.lr_schedule.state_dict() if stage and stage.lr_schedule else None))
 
     def restore(self) -> dict:
         state = self.resume_state if self.resume_state is not None else self.saver.load_last()
@@ -466,6 +535,8 @@ class Trainer:
             self.pseudo_labels.load_state_dict(state["pseudo_labels"])
         stage.method.load_state_dict(state["method"])
         stage.stopping.load_state_dict(state["early_stopping"])
+        if stage.lr_schedule is not None and state.get("lr_schedule"):   # older last.pt: none (constant rates)
+            stage.lr_schedule.load_state_dict(state["lr_schedule"])
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -546,6 +617,10 @@ class Trainer:
         torch.manual_seed(epoch_seed + 1_000_003 * self.dist.rank)  # dropout etc.: different per rank
         stage.generator.manual_seed(epoch_seed)  # data order and flips: the same on every rank
         what = "head on cached features" if stage.name == HEAD else "end to end"
+        rates = stage.lr_schedule.start_epoch(stage.epoch_in_stage(epoch)) if stage.lr_schedule else None
+        if rates is not None:   # each distinct rate of the groups that have parameters
+            shown = dict.fromkeys(rate for rate, group in zip(rates, stage.optimizer.param_groups) if group["params"])
+            what += f"; learning rate {', '.join(f'{rate:.4g}' for rate in shown)}"
         logger.log(f"Epoch {epoch}/{total_epochs(config)} ({what})")
         self.train_phase(epoch, stage)
         self.dist.broadcast_buffers(self.model)

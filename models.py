@@ -32,7 +32,9 @@ import timm
 import torch
 import torchvision
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from open_clip.transformer import text_global_pool
 from torch import nn
+from torch.nn import functional as F
 
 import datasets
 import hf_clip
@@ -46,7 +48,7 @@ class TeacherSpec:
     open_clip_name: str
     pretrained_tag: str          # open_clip's tag of OpenAI's weights (its download)
     openai_file: str             # OpenAI's TorchScript file, what --clip-weights should name
-    hf_repo: str                 # the Hugging Face transformers checkpoint of the same weights
+    hf_repo: str                 # the Hugging Face transformers checkpoint of the same weights ("": none)
     description: str             # for --help
 
     @property
@@ -62,6 +64,11 @@ class TeacherSpec:
     def embed_dim(self) -> int:
         return int(self.config["embed_dim"])
 
+    @property
+    def is_resnet(self) -> bool:
+        """Its image tower is CLIP's ModifiedResNet (layers per stage), not a ViT."""
+        return isinstance(self.config["vision_cfg"]["layers"], (list, tuple))
+
 
 # --teacher: name -> teacher. A new teacher is one entry; nothing else tests the names.
 TEACHERS: dict[str, TeacherSpec] = {
@@ -71,6 +78,10 @@ TEACHERS: dict[str, TeacherSpec] = {
                             "AEVLP's teacher"),
 }
 DEFAULT_TEACHER = "ViT-L-14-336"
+
+# The CLIP of -m clip_prompts (DualCoOp's model), not a teacher: open_clip's RN101 with OpenAI's
+# weights, read from --clip-weights when given. transformers has no ResNet CLIP: no folder for it.
+RN101_CLIP = TeacherSpec("RN101-quickgelu", "openai", "RN101.pt", "", "DualCoOp's CLIP")
 
 # The default teacher's names, for callers from before the table.
 CLIP_MODEL_NAME = TEACHERS[DEFAULT_TEACHER].open_clip_name
@@ -86,6 +97,16 @@ TINY_CLIP_CONFIG = dict(
     # The real vocabulary and context length, so the real (offline) tokenizer serves both.
     text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
 )
+# The tiny CLIP of a ResNet teacher (RN101): CLIP's ModifiedResNet with one block per stage.
+TINY_RN_CLIP_CONFIG = dict(
+    embed_dim=64,
+    quick_gelu=True,
+    vision_cfg=dict(image_size=TINY_INPUT_SIZE, layers=[1, 1, 1, 1], width=8, head_width=64),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+)
+# open_clip's random ResNet passes an image on at about 1e-3 of the attention pool's random
+# positional embedding, which would drown it: the tiny one's embedding is scaled down by this.
+TINY_RN_POSITIONAL_SCALE = 1e-3
 TINY_CLIP_SEED = 0  # the tiny CLIP is the same in every process: text features made by
                     # preproc/make_text_features.py --tiny match the teacher of a --tiny-models run
 
@@ -99,7 +120,10 @@ class WeightsUnavailableError(FileNotFoundError):
     command line reports it as a one-line user error)."""
 
 
-def teacher_spec(teacher: str) -> TeacherSpec:
+def teacher_spec(teacher: str | TeacherSpec) -> TeacherSpec:
+    """A ``TEACHERS`` entry by name; a spec given as it is (a model's own CLIP: ``RN101_CLIP``)."""
+    if isinstance(teacher, TeacherSpec):
+        return teacher
     if teacher not in TEACHERS:
         raise ValueError(f"unknown teacher {teacher!r}; choose one of: {', '.join(TEACHERS)}")
     return TEACHERS[teacher]
@@ -132,6 +156,11 @@ class BackboneSpec:
     library_weights_available: Callable[[], bool] | None = None
     # The built (pooled) backbone turned into one returning its B x D x H x W feature map.
     spatial: Callable[[nn.Module], nn.Module] | None = None
+    # Made of this CLIP's weights (--clip-weights, or open_clip's download), not a library's or the teacher's.
+    clip: TeacherSpec | None = None
+    # A method's own model: built by the method that runs it (methods.base.Method.build_model),
+    # never by build_model; other methods refuse it.
+    method_built: bool = False
 
     @property
     def spatial_output(self) -> bool:
@@ -165,6 +194,10 @@ def _copy_clip_tower(tiny: bool, pretrained: bool, clip_model: CLIP | None) -> t
     net.requires_grad_(True)
     net.train()
     return net, int(net.output_dim)
+
+
+def _built_by_its_method(tiny: bool, pretrained: bool, clip_model: CLIP | None) -> tuple[nn.Module, int]:
+    raise ValueError("this model is built by the method that runs it (methods.base.Method.build_model)")
 
 
 def _resnet_feature_map(net: nn.Module) -> nn.Module:
@@ -231,13 +264,22 @@ BACKBONE_SPECS: dict[str, BackboneSpec] = {
     # timm's ConvNeXt-XL: ImageNet-22k weights, and 22k fine-tuned on 1k.
     "convnext_xlarge_22k": _convnext_spec("convnext_xlarge.fb_in22k", "convnext_xlarge_22k_224.pth"),
     "convnext_xlarge_1k": _convnext_spec("convnext_xlarge.fb_in22k_ft_in1k", "convnext_xlarge_22k_1k_224_ema.pth"),
+    # DualCoOp's model (-l DualCoOp builds it, methods/dualcoop.py): CLIP RN101 (RN101_CLIP), both
+    # towers frozen, classifying with learnt prompts over the image's spatial tokens; 448 px, CLIP's
+    # normalisation, as DualCoOp's loaders give it. The run records it as its -m.
+    "clip_prompts": BackboneSpec(
+        448, datasets.CLIP_MEAN, datasets.CLIP_STD, convolutional=True, feature_dim=RN101_CLIP.embed_dim,
+        copies_clip_tower=False, build=_built_by_its_method, classifier_prefixes=(),
+        weights_hint="--clip-weights RN101.pt (OpenAI's CLIP RN101)", download="open_clip's download",
+        clip=RN101_CLIP, method_built=True),
 }
-BACKBONES = tuple(BACKBONE_SPECS)
+MODELS = tuple(BACKBONE_SPECS)     # every -m: the backbones and the methods' own models
+BACKBONES = tuple(name for name, spec in BACKBONE_SPECS.items() if not spec.method_built)   # build_model's
 
 
 def backbone_spec(backbone: str) -> BackboneSpec:
     if backbone not in BACKBONE_SPECS:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of: {', '.join(BACKBONES)}")
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of: {', '.join(MODELS)}")
     return BACKBONE_SPECS[backbone]
 
 
@@ -316,8 +358,12 @@ def build_model(backbone: str, num_classes: int, *, backbone_weights: str | os.P
     ``clip_model`` is still copied as it is). For benchmarks of speed and memory.
 
     ``head``: a ``HEADS`` entry; one that reads feature maps needs a backbone with a spatial output.
+
+    A method's own model (``method_built``: clip_prompts) is built by its method, not here.
     """
     spec = backbone_spec(backbone)
+    if spec.method_built:
+        raise ValueError(f"-m {backbone} is built by the method that runs it (methods.base.Method.build_model)")
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
     if HEADS[head].spatial and spec.spatial is None:
@@ -420,22 +466,29 @@ def _load_backbone_weights(net: nn.Module, path: str | os.PathLike, backbone: st
     _load_strict(net, state, path, "--backbone-weights", backbone)
 
 
-def _clip_architecture(tiny: bool, teacher: str = DEFAULT_TEACHER) -> CLIP:
+def _clip_architecture(tiny: bool, teacher: str | TeacherSpec = DEFAULT_TEACHER) -> CLIP:
     """The ``teacher``'s architecture with open_clip's random initialisation; ``tiny``: the one
-    tiny CLIP (for every teacher name: tests and the demo), with fixed random weights."""
+    tiny CLIP (for every teacher name: tests and the demo; ``TINY_RN_CLIP_CONFIG`` for a ResNet
+    CLIP, ``RN101_CLIP``), with fixed random weights."""
     if tiny:
-        cfg = copy.deepcopy(TINY_CLIP_CONFIG)
+        cfg = copy.deepcopy(TINY_RN_CLIP_CONFIG if teacher_spec(teacher).is_resnet else TINY_CLIP_CONFIG)
         # Seeded without touching the caller's random state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_CLIP_SEED)
-            return CLIP(embed_dim=cfg["embed_dim"], quick_gelu=cfg["quick_gelu"],
-                        vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
-                        text_cfg=CLIPTextCfg(**cfg["text_cfg"]))
+            model = CLIP(embed_dim=cfg["embed_dim"], quick_gelu=cfg["quick_gelu"],
+                         vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
+                         text_cfg=CLIPTextCfg(**cfg["text_cfg"]))
+        if teacher_spec(teacher).is_resnet:
+            with torch.no_grad():
+                model.visual.attnpool.positional_embedding.mul_(TINY_RN_POSITIONAL_SCALE)
+        return model
     return CLIP(**teacher_spec(teacher).config)
 
 
-def _clip_architecture_name(tiny: bool, teacher: str = DEFAULT_TEACHER) -> str:
-    return "tiny (models.TINY_CLIP_CONFIG)" if tiny else teacher_spec(teacher).open_clip_name
+def _clip_architecture_name(tiny: bool, teacher: str | TeacherSpec = DEFAULT_TEACHER) -> str:
+    if tiny:
+        return f"tiny (models.{'TINY_RN_CLIP_CONFIG' if teacher_spec(teacher).is_resnet else 'TINY_CLIP_CONFIG'})"
+    return teacher_spec(teacher).open_clip_name
 
 
 def _load_clip_weights(model: CLIP, path: str | os.PathLike, architecture: str) -> None:
@@ -458,9 +511,10 @@ def _load_clip_weights(model: CLIP, path: str | os.PathLike, architecture: str) 
     _load_strict(model, state, path, "--clip-weights", f"CLIP {architecture}")
 
 
-def load_clip(clip_weights: str | os.PathLike | None = None, *, teacher: str = DEFAULT_TEACHER,
+def load_clip(clip_weights: str | os.PathLike | None = None, *, teacher: str | TeacherSpec = DEFAULT_TEACHER,
               tiny: bool = False, pretrained: bool = True) -> CLIP:
-    """The CLIP model of ``teacher`` (a ``TEACHERS`` name) in eval mode, float32, on the CPU.
+    """The CLIP model of ``teacher`` (a ``TEACHERS`` name, or a spec: ``RN101_CLIP``) in eval
+    mode, float32, on the CPU.
 
     ``clip_weights``: OpenAI's TorchScript file (``ViT-L-14-336px.pt``, ``ViT-B-16.pt``: the
     teacher's ``openai_file``), a state-dict file, or a Hugging Face transformers CLIPModel folder
@@ -489,6 +543,54 @@ def load_clip(clip_weights: str | os.PathLike | None = None, *, teacher: str = D
 def clip_image_size(clip_model: CLIP) -> int:
     size = clip_model.visual.image_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+# ----------------------------------------------------------------------------------------------
+# A CLIP's spatial tokens and its text tower on token embeddings (DualCoOp's model: clip_prompts)
+# ----------------------------------------------------------------------------------------------
+
+def resized_positional_embedding(positional_embedding: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A ResNet CLIP attention pool's (1 + S*S) x C positional embedding for an h x w grid: token
+    0's row as it is, the S x S spatial rows resized bicubically (``align_corners=False``), as
+    DualCoOp's ``build_model_conv_proj`` resizes OpenAI's 7 x 7 to the input's grid (14 x 14 at 448)."""
+    side = round((positional_embedding.shape[0] - 1) ** 0.5)
+    if side * side + 1 != positional_embedding.shape[0]:
+        raise ValueError(f"a positional embedding of {positional_embedding.shape[0]} rows is not 1 + a square grid")
+    if (side, side) == tuple(grid):
+        return positional_embedding
+    spatial = positional_embedding[1:].permute(1, 0).reshape(1, -1, side, side)
+    spatial = F.interpolate(spatial, size=tuple(grid), mode="bicubic", align_corners=False)
+    return torch.cat([positional_embedding[:1], spatial.reshape(positional_embedding.shape[1], -1).permute(1, 0)])
+
+
+def clip_resnet_spatial_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """B x D x (1 + h*w): every token of a ResNet CLIP's attention pool through its value and
+    output projections only, without the attention (DualCoOp's ``AttentionConv``). Token 0 is the
+    mean of the h x w feature map; the positional embedding is resized to the grid
+    (``resized_positional_embedding``)."""
+    x = visual.stem(images)
+    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+    pool = visual.attnpool
+    positional = resized_positional_embedding(pool.positional_embedding, x.shape[-2:])
+    x = x.flatten(2).permute(2, 0, 1)                                    # (h*w) x B x C
+    x = torch.cat([x.mean(dim=0, keepdim=True), x]) + positional[:, None, :].to(x.dtype)
+    x = F.linear(F.linear(x, pool.v_proj.weight, pool.v_proj.bias), pool.c_proj.weight, pool.c_proj.bias)
+    return x.permute(1, 2, 0)
+
+
+def encode_token_embeddings(clip_model: CLIP, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """N x D text features of N sequences given as token embeddings (N x L x width) instead of
+    token ids: ``clip_model.encode_text`` after its token embedding, pooled where ``tokens`` (the
+    ids the sequences stand for) put it (the end-of-text token). Learnt prompt vectors enter the
+    text tower this way (CoOp's and DualCoOp's ``TextEncoder``)."""
+    cast_dtype = clip_model.transformer.get_cast_dtype()
+    x = embeddings.to(cast_dtype) + clip_model.positional_embedding.to(cast_dtype)
+    x = clip_model.transformer(x, attn_mask=clip_model.attn_mask)
+    x = clip_model.ln_final(x)
+    x = text_global_pool(x, tokens, clip_model.text_pool_type, eos_token_id=getattr(clip_model, "text_eos_id", None))
+    if isinstance(clip_model.text_projection, nn.Linear):
+        return clip_model.text_projection(x)
+    return x @ clip_model.text_projection
 
 
 def weights_fingerprint(module: nn.Module) -> str:
@@ -550,7 +652,7 @@ def _download_available(cached: bool, host: str) -> bool:
     return cached or (not _offline_by_env() and _host_reachable(host))
 
 
-def _clip_download_available(teacher: str = DEFAULT_TEACHER) -> bool:
+def _clip_download_available(teacher: str | TeacherSpec = DEFAULT_TEACHER) -> bool:
     spec = teacher_spec(teacher)
     cfg = open_clip.get_pretrained_cfg(spec.open_clip_name, spec.pretrained_tag)
     repo_id = cfg["hf_hub"].rstrip("/")
@@ -563,7 +665,7 @@ def _check_file(path: str | os.PathLike, flag: str) -> None:
         raise FileNotFoundError(f"{flag} {path}: file not found")
 
 
-def _check_clip_weights(path: str | os.PathLike, tiny: bool, teacher: str) -> None:
+def _check_clip_weights(path: str | os.PathLike, tiny: bool, teacher: str | TeacherSpec) -> None:
     """A file must exist; a transformers folder must hold its files and a config that matches
     the teacher's architecture, checked on a model built on the meta device (no memory, milliseconds)."""
     if not Path(path).is_dir():
@@ -583,10 +685,13 @@ def check_weights_available(backbone: str, *, backbone_weights: str | os.PathLik
     present or its server reachable (not with HF_HUB_OFFLINE=1). Raises FileNotFoundError
     (``WeightsUnavailableError``) naming the flag and the expected file, or ValueError for a
     folder whose config.json does not match. The CLIP weights are the ``teacher``'s (a
-    ``TEACHERS`` name), which also gives ``clip_vision`` its tower."""
+    ``TEACHERS`` name), which also gives ``clip_vision`` its tower; a model made of a CLIP of its
+    own (``BackboneSpec.clip``: clip_prompts) takes ``--clip-weights`` for that CLIP instead."""
     spec = backbone_spec(backbone)
+    if spec.clip is not None:
+        teacher = spec.clip
     clip = teacher_spec(teacher)
-    if spec.copies_clip_tower and backbone_weights is not None:
+    if (spec.copies_clip_tower or spec.clip is not None) and backbone_weights is not None:
         raise ValueError(f"{backbone} takes its weights from --clip-weights, not --backbone-weights")
     if backbone_weights is not None:
         _check_file(backbone_weights, "--backbone-weights")
@@ -594,15 +699,17 @@ def check_weights_available(backbone: str, *, backbone_weights: str | os.PathLik
         _check_clip_weights(clip_weights, tiny, teacher)
     if tiny:
         return  # random weights: nothing to download
-    if not spec.copies_clip_tower and backbone_weights is None and not spec.library_weights_available():
+    if not (spec.copies_clip_tower or spec.clip is not None) and backbone_weights is None \
+            and not spec.library_weights_available():
         raise WeightsUnavailableError(
             f"no {backbone} weights: pass --backbone-weights {spec.weights_hint} or "
             f"allow {spec.download} (offline: HF_HUB_OFFLINE is set or the server is "
             f"unreachable, and the file is not in the download cache)")
-    if (need_teacher or spec.copies_clip_tower) and clip_weights is None and not _clip_download_available(teacher):
+    if (need_teacher or spec.copies_clip_tower or spec.clip is not None) and clip_weights is None \
+            and not _clip_download_available(teacher):
+        folder = f" or a transformers folder of {clip.hf_repo}" if clip.hf_repo else ""
         raise WeightsUnavailableError(
-            f"no CLIP weights: pass --clip-weights /path/to/{clip.openai_file} (OpenAI) or a "
-            f"transformers folder of {clip.hf_repo}, or allow "
+            f"no CLIP weights: pass --clip-weights /path/to/{clip.openai_file} (OpenAI){folder}, or allow "
             f"open_clip's download of {clip.open_clip_name} '{clip.pretrained_tag}' (offline: "
             f"HF_HUB_OFFLINE is set or huggingface.co is unreachable, and it is not in "
             f"{_hf_cache_dir()})")

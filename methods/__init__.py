@@ -14,6 +14,7 @@ from methods.aevlp import AEVLP
 from methods.base import NO_PROTOCOL, CoefficientMethod, Hyperparameter, LossInputs, Method, PROTOCOL_DEFAULTS
 from methods.baselines import BCE, AssumeNegative, IgnoreUnobservedNegatives
 from methods.cole import ROLE, AssumeNegativeLabelSmoothing, ExpectedPositiveRegularizer, WeakAssumeNegative
+from methods.dualcoop import DualCoOp
 from methods.entropy import EM, EMAPL
 from methods.gr import GR
 from methods.large_loss import LargeLossCorrectPermanent, LargeLossCorrectTemporary, LargeLossReject
@@ -22,7 +23,7 @@ from methods.vlpl import EMPL, EMPLASL
 REGISTRY: dict[str, type[Method]] = {method.name: method for method in (
     BCE, AssumeNegative, IgnoreUnobservedNegatives, EM, EMAPL, EMPL, EMPLASL,
     LargeLossReject, LargeLossCorrectTemporary, LargeLossCorrectPermanent,
-    AssumeNegativeLabelSmoothing, WeakAssumeNegative, ExpectedPositiveRegularizer, ROLE, GR, AEVLP,
+    AssumeNegativeLabelSmoothing, WeakAssumeNegative, ExpectedPositiveRegularizer, ROLE, GR, AEVLP, DualCoOp,
 )}
 
 # Other names a method is known by: the paper's name of EM_PL.

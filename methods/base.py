@@ -103,6 +103,12 @@ PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", weight_decay=0.0,
                          head_bsize=None,  # None: head-only epochs use --bsize
                          patience=0, max_drop=0.0, teacher=models.DEFAULT_TEACHER)
 
+# The learning-rate schedule (engine.LRSchedule): protocol settings a method's table may set, added
+# after PROTOCOL_DEFAULTS was pinned (tests/data/method_defaults_snapshot.json), so they are filled
+# in by config.resolve_config where neither the table nor the user sets them: a constant rate, no
+# warm-up, which is what every run did before these settings existed.
+LR_SCHEDULE_DEFAULTS = dict(lr_schedule="constant", lr_warmup_epochs=0, lr_warmup_lr=1e-5)
+
 # VLPL's settings (docs/DESIGN.md §5), shared by the methods of its results table: per dataset, a
 # row or NO_PROTOCOL.
 VLPL_DATASET_DEFAULTS = {
@@ -142,6 +148,11 @@ class Method:
     uses_train_predictions: ClassVar[bool] = False    # end_epoch reads predictions on the train split
     # Extra parameters are per process: a method that has them is not synchronised under torchrun.
     runs_distributed: ClassVar[bool] = True
+    # A method that brings its own model (DualCoOp: a frozen CLIP with learnt prompts) names it: its
+    # models.BACKBONE_SPECS entry (method_built), which gives the run its input size, normalisation
+    # and weights check and is recorded as the run's -m; build_model builds it. None: the -m
+    # backbone with --head (models.build_model).
+    own_model: ClassVar[str | None] = None
 
     def __init__(self, hp: SimpleNamespace, labels: LabelState, stage_epochs: int):
         self.hp, self.labels, self.stage_epochs = hp, labels, stage_epochs
@@ -166,7 +177,7 @@ class Method:
     @classmethod
     def settings(cls) -> set[str]:
         """The configuration keys this method's table may set."""
-        return {h.name for h in cls.hyperparameters} | set(PROTOCOL_DEFAULTS) | {"lr"}
+        return {h.name for h in cls.hyperparameters} | set(PROTOCOL_DEFAULTS) | set(LR_SCHEDULE_DEFAULTS) | {"lr"}
 
     @classmethod
     def general_defaults(cls) -> dict:
@@ -182,7 +193,7 @@ class Method:
     @classmethod
     def settings_chosen_per_dataset(cls) -> list[str]:
         """The settings with a general default that some published row of the table changes."""
-        general = cls.general_defaults()
+        general = {**cls.general_defaults(), **LR_SCHEDULE_DEFAULTS}
         rows = [row for row in cls.dataset_defaults.values() if row is not NO_PROTOCOL]
         return [name for name in general
                 if any(name in row and row[name] != general[name] for row in rows)]
@@ -219,6 +230,17 @@ class Method:
     @classmethod
     def from_config(cls, config: dict, labels: LabelState, stage_epochs: int) -> Method:
         return cls(cls.hyperparameter_values(config), labels, stage_epochs)
+
+    # -- the model -------------------------------------------------------------------------------
+    @classmethod
+    def build_model(cls, config: dict, num_classes: int, *, pretrained: bool = True) -> torch.nn.Module | None:
+        """The method's own model (``own_model``) for a resolved ``config``, or None: the run
+        builds the -m backbone with its head. The model maps a batch of images to B x K logits whose
+        sigmoid is the prediction; its ``backbone`` and ``head`` are the optimizer's two parameter
+        groups (at --lr and --lr x --head-lr-mult; parameters that do not require gradients are
+        left out), and ``train()`` / ``eval()`` set its modes. ``pretrained=False``: random weights,
+        nothing read or downloaded (a checkpoint is loaded into it: evaluate.py, predict.py)."""
+        return None
 
     # -- training --------------------------------------------------------------------------------
     def loss(self, inputs: LossInputs, epoch: int) -> Tensor:

@@ -25,6 +25,7 @@ import checkpoint as checkpoint_module
 import config as config_module
 import datasets
 import engine
+import methods
 import models
 import rundir
 import teacher
@@ -106,9 +107,9 @@ def read_config(run_dir: str | Path) -> dict:
     if config["dataset"] not in datasets.DATASETS:
         raise RunError(f"{run_dir / CONFIG_FILE} names dataset {config['dataset']!r}, unknown to this version "
                        f"(known: {', '.join(datasets.DATASETS)})")
-    if config["model"] not in models.BACKBONES:
+    if config["model"] not in models.MODELS:
         raise RunError(f"{run_dir / CONFIG_FILE} names model {config['model']!r}, unknown to this version "
-                       f"(known: {', '.join(models.BACKBONES)})")
+                       f"(known: {', '.join(models.MODELS)})")
     teacher_name = run_teacher(config)
     if not isinstance(teacher_name, str) or teacher_name not in models.TEACHERS:
         raise RunError(f"{run_dir / CONFIG_FILE} names teacher {teacher_name!r}, unknown to this version "
@@ -152,11 +153,15 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | None =
 
     info = datasets.get_dataset_info(config["dataset"])
     spec = models.backbone_spec(config["model"])
-    # A CLIP-tower student has its teacher's architecture (input size, width).
-    clip_model = (models.load_clip(teacher=run_teacher(config), tiny=config["tiny_models"], pretrained=False)
-                  if spec.copies_clip_tower else None)
-    model = models.build_model(config["model"], info.num_classes, tiny=config["tiny_models"], pretrained=False,
-                               clip_model=clip_model, head=config.get("head", "linear"))
+    if spec.method_built:   # a method's own model (DualCoOp's), built by its method with random weights
+        method = methods.get_method(config["method"])
+        model = method.build_model(config_module.as_recorded_now(config), info.num_classes, pretrained=False)
+    else:
+        # A CLIP-tower student has its teacher's architecture (input size, width).
+        clip_model = (models.load_clip(teacher=run_teacher(config), tiny=config["tiny_models"], pretrained=False)
+                      if spec.copies_clip_tower else None)
+        model = models.build_model(config["model"], info.num_classes, tiny=config["tiny_models"], pretrained=False,
+                                   clip_model=clip_model, head=config.get("head", "linear"))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
