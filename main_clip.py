@@ -86,7 +86,10 @@ def check_run_dir(config: dict, run_dir: Path) -> None:
 def _changes_from_the_saved_run(config: dict, run_dir: Path) -> list[str]:
     """How ``config`` differs from the configuration of the run in ``run_dir`` (what a --resume
     with these flags would refuse)."""
-    saved = config_module.read_saved_config(run_dir / "config.json", "the run folder's")
+    try:
+        saved = config_module.read_saved_config(run_dir / "config.json", "the run folder's")
+    except RunError:
+        return []  # no readable configuration to compare with: the folder is refused all the same
     return rundir.changed_settings(saved, config)
 
 

@@ -274,7 +274,8 @@ def test_damaged_image_is_one_error_line_of_the_command_line(tmp_path, capsys):
         save_image(image_root / name, seed, fmt="JPEG")
     resume = shlex.split(error.split("continue with: ", 1)[1])[2:]
     assert main_clip.cli(resume) == 0
-    assert json.loads((tmp_path / "out" / "pascal_resnet50_an_seed0" / "summary.json").read_text())["epochs_run"] == 1
+    [run_dir] = (tmp_path / "out").glob("pascal_resnet50_an_seed0_tiny_*")  # the default run name
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == 1
 
 
 def test_damaged_image_is_named_through_loader_workers(tmp_path):

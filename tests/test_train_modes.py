@@ -87,7 +87,8 @@ def test_feature_cache_hits_misses_and_rebuilds(demo_root, tmp_path):
     files[0].write_bytes(files[0].read_bytes()[:100])  # truncated
     rebuilt = make_run(demo_root, tmp_path / "d", "--train-mode", "linear_fixed_features", "--cache-dir", str(cache))
     assert (rebuilt.backbone_features()["train"] == first["train"]).all()
-    assert "recomputing" in (tmp_path / "d" / "pascal_resnet50_an_seed0" / "log.txt").read_text()
+    [run_dir] = (tmp_path / "d").glob("pascal_resnet50_an_seed0_tiny_*")  # the default run name
+    assert "recomputing" in (run_dir / "log.txt").read_text()
 
 
 @pytest.mark.parametrize("mode", ["linear_fixed_features", "linear_init"])
