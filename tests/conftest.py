@@ -14,6 +14,14 @@ import teacher as teacher_module
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(items):
+    """A test that runs the pipeline on the demo data (its fixture ``demo_root``) is slow: the
+    unit subset, ``-m "not slow"``, is every other test."""
+    for item in items:
+        if "demo_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
     """Every test runs offline with empty download caches: nothing can reach the network."""

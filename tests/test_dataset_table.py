@@ -71,6 +71,7 @@ def test_a_misspelt_or_malformed_entry_is_named(monkeypatch):
         "-l EM has a row for 'nus-wide', which is not a dataset of datasets.DATASETS"]
 
 
+@pytest.mark.slow  # a subprocess or a whole pipeline
 def test_importing_the_registry_fails_naming_method_and_dataset():
     """The check runs at import: a dataset that no table lists stops ``import methods``."""
     code = "import datasets; datasets.DATASETS['fake'] = datasets.DATASETS['pascal']; import methods"

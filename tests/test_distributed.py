@@ -155,6 +155,7 @@ def share_gradients(rank: int, world_size: int, init_file: str, features, observ
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # a subprocess or a whole pipeline
 def test_a_batch_regulariser_under_torchrun_has_the_one_process_gradient(tmp_path):
     """EPR's and GR's (so AEVLP's) expected-positive regulariser, a squared mean over the batch, is
     taken over the whole batch across processes: two DDP processes, each with half of the batch,

@@ -102,6 +102,7 @@ def test_missing_data_is_reported_before_missing_weights(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and err[0].startswith(f"error: missing {tmp_path / 'pascal'}")
 
 
+@pytest.mark.slow  # a subprocess or a whole pipeline
 def test_the_demo_says_where_its_run_is_and_what_to_run_next(tmp_path, capsys, monkeypatch):
     import engine
 

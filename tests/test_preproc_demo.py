@@ -20,6 +20,7 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.slow  # a subprocess or a whole pipeline
 def test_demo_chain_command_line(tmp_path):
     demo = tmp_path / "DEMO"
     steps = [("preproc/make_demo_data.py", "--out", str(demo / "pascal"), "--num-train", "30",

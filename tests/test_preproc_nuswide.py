@@ -187,6 +187,7 @@ def run_formatter(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a subprocess or a whole pipeline
 def test_command_line_chain_to_benchmark(tmp_path):
     """Script from the repository root -> observed labels -> load_benchmark, all unchanged."""
     folder = tmp_path / "data" / "nuswide"

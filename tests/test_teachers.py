@@ -87,6 +87,7 @@ def test_clip_vision_copies_the_named_teachers_tower(vit_b16):
     assert model.input_size == 224 and model.feature_dim == 512
 
 
+@pytest.mark.slow  # a subprocess or a whole pipeline
 def test_state_dict_file_loads_into_its_teacher_only(tmp_path, vit_b16):
     path = tmp_path / "vit_b16_state.pt"
     torch.save(vit_b16.state_dict(), path)

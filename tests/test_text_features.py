@@ -94,6 +94,7 @@ def test_offline_without_clip_weights_stops_before_work(tmp_path):
     assert not (tmp_path / "f.npy").exists()
 
 
+@pytest.mark.slow  # a subprocess or a whole pipeline
 def test_runs_as_a_script(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
