@@ -17,6 +17,7 @@ import math
 import os
 from pathlib import Path
 
+import caches
 import datasets
 import engine
 import methods
@@ -102,6 +103,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=None,
                    help="input size override (default: the backbone's, 448; clip_vision: the teacher's, 336 or 224)")
     g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader worker processes")
+    g.add_argument("--image-cache", choices=caches.IMAGE_CACHE_MODES, default="off",
+                   help="uint8: decode and resize every image once into a memory-mapped uint8 file under --cache-dir "
+                        "(N x size x size x 3 bytes per split: COCO's train set at 448 px is 49 GB), which every epoch "
+                        "reads instead of the JPEGs; the same inputs to the bit, so a resume may switch it; off: "
+                        "decode every epoch")
 
     g = p.add_argument_group("training (defaults: the method's published protocol per dataset)")
     g.add_argument("--epochs", type=int, default=None, help="training epochs (of each stage; VLPL: 10)")

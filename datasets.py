@@ -335,6 +335,72 @@ def build_transform(image_size: int, train: bool, mean=IMAGENET_MEAN, std=IMAGEN
     return transforms.Compose(steps)
 
 
+def resize_step(image_size: int):
+    """``build_transform``'s resize alone (PIL image -> PIL image, bilinear, antialiased as PIL
+    always is): the first step of every network input, and what an image cache stores."""
+    return build_transform(image_size, train=False).transforms[0]
+
+
+def check_resized(resized, num_images: int, image_size: int | None):
+    """``resized`` (None, or rows of an image cache: ``len``, ``.size``, ``.image(i)``) after
+    checking that it has one row per image and, when ``image_size`` is given, that size."""
+    if resized is None:
+        return None
+    if len(resized) != num_images:
+        raise ValueError(f"the image cache has {len(resized)} rows for {num_images} images")
+    if image_size is not None and resized.size != image_size:
+        raise ValueError(f"the image cache holds {resized.size} px images, the network reads {image_size} px")
+    return resized
+
+
+class ResizedImageDataset(torch.utils.data.Dataset):
+    """What an image cache stores (--image-cache uint8): each image decoded (``open_rgb``) and
+    resized to ``image_size`` x ``image_size`` by ``resize_step``, as a uint8 H x W x 3 tensor, with
+    its index."""
+
+    def __init__(self, image_paths: Sequence[str | os.PathLike], image_size: int):
+        self.image_paths = [str(p) for p in image_paths]
+        check_image_files(self.image_paths)
+        self.resize = resize_step(image_size)
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(np.array(self.resize(open_rgb(self.image_paths[index])))), int(index)
+
+
+def gpu_decode_unavailable(device: str | torch.device) -> str | None:
+    """None when ``torchvision.io.decode_jpeg`` decodes on ``device`` (a CUDA device, nvjpeg), else
+    why not: the capability check of the GPU decoding candidate (``decode_resize_jpegs``)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"{device.type} is not a CUDA device"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    try:
+        from torchvision.io import decode_jpeg, encode_jpeg
+        decode_jpeg(encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8)), device=device)
+    except (ImportError, RuntimeError, TypeError, ValueError) as error:
+        return f"torchvision.io.decode_jpeg cannot decode on {device} ({type(error).__name__}: {error})"
+    return None
+
+
+def decode_resize_jpegs(datas: Sequence[torch.Tensor], image_size: int, device: str | torch.device) -> torch.Tensor:
+    """JPEG files' bytes (1-D uint8 tensors) decoded on ``device`` as RGB (nvjpeg on a GPU) and each
+    resized to ``image_size`` x ``image_size`` on the tensor (bilinear, antialiased): B x 3 x S x S
+    uint8 on ``device``. The GPU decoding candidate: not PIL's numbers (another decoder, another
+    resize), so no run uses it; ``bench/data_path.py --gpu-decode`` measures it and by how much
+    its inputs differ. ``gpu_decode_unavailable`` says where it can run on a GPU."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F2
+
+    images = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
+    return torch.stack([F2.resize(image, [image_size, image_size], interpolation=InterpolationMode.BILINEAR,
+                                  antialias=True) for image in images])
+
+
 class UnreadableImageError(RunError, ValueError):
     """An image file that cannot be decoded (empty, truncated, not an image). Its message is one
     line naming the file, also when a DataLoader worker re-raises it: torch rebuilds the error
@@ -440,12 +506,18 @@ class MultiLabelDataset(torch.utils.data.Dataset):
     optionally the teacher's view of the same (image, flip).
 
     The network's input is ``view(image, flip)`` when given, else the image flipped, resized to
-    ``image_size`` and normalised with ``mean`` / ``std``."""
+    ``image_size`` and normalised with ``mean`` / ``std``.
+
+    ``resized`` (``caches.ResizedImages``, --image-cache uint8): row i holds image i already
+    decoded and resized as ``resize_step`` does; it replaces the decoded image. Exact where
+    every reader of the image starts by resizing it to that size (a PIL resize to its own size
+    is a copy, and PIL's resize commutes with the horizontal flip: tests/test_image_cache.py):
+    the caller checks that (``engine.Trainer.resized_images``)."""
 
     def __init__(self, image_paths: Sequence[str | os.PathLike], observed_labels: np.ndarray,
                  clean_labels: np.ndarray, image_size: int, train: bool,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, *, view: ImageView | None = None,
-                 teacher_view: ImageView | None = None):
+                 teacher_view: ImageView | None = None, resized=None):
         self.image_paths = [str(p) for p in image_paths]
         observed_labels = np.asarray(observed_labels)
         clean_labels = np.asarray(clean_labels)
@@ -461,6 +533,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         self.transform = build_transform(image_size, train=False, mean=mean, std=std)
         self.view = view
         self.teacher_view = teacher_view
+        self.resized = check_resized(resized, n, image_size if view is None else None)
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -476,7 +549,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         else:
             index, flip = item, self.train and torch.rand(1).item() < 0.5
         flip = bool(flip)
-        image = open_rgb(self.image_paths[index])
+        image = self.resized.image(index) if self.resized is not None else open_rgb(self.image_paths[index])
         if self.view is not None:
             network_input = self.view(image, flip)
         else:
@@ -609,20 +682,22 @@ class FeatureBatches:
 class ImageListDataset(torch.utils.data.Dataset):
     """Images for caches (teacher embeddings, frozen features): (tensor, index). The tensor is
     the image resized to ``image_size`` and normalised, or, with ``views``, the V views it
-    returns for the image, stacked (V x 3 x H x W)."""
+    returns for the image, stacked (V x 3 x H x W). ``resized``: as ``MultiLabelDataset``'s (with
+    ``views``, the caller checks that each view starts with a resize to its size)."""
 
     def __init__(self, image_paths: Sequence[str | os.PathLike], image_size: int, mean, std,
-                 views: Callable[[Image.Image], list[torch.Tensor]] | None = None):
+                 views: Callable[[Image.Image], list[torch.Tensor]] | None = None, *, resized=None):
         self.image_paths = [str(p) for p in image_paths]
         check_image_files(self.image_paths)
         self.transform = build_transform(image_size, train=False, mean=mean, std=std)
         self.views = views
+        self.resized = check_resized(resized, len(self.image_paths), image_size if views is None else None)
 
     def __len__(self) -> int:
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = open_rgb(self.image_paths[index])
+        image = self.resized.image(index) if self.resized is not None else open_rgb(self.image_paths[index])
         if self.views is not None:
             return torch.stack(self.views(image)), int(index)
         return self.transform(image), int(index)

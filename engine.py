@@ -30,7 +30,7 @@ import methods
 import models
 import pseudo_labels
 import teacher as teacher_module
-from caches import Encoder, OfficialSetCache
+from caches import Encoder, OfficialImageCache, OfficialSetCache, ResizedImages
 from checkpoint import BEST, CheckpointSaver
 from distributed import Distributed
 from errors import RunError
@@ -345,7 +345,11 @@ class Trainer:
         self.cache = OfficialSetCache(config["data_root"], config["dataset"], self.benchmark.image_dir,
                                       Path(config["cache_dir"]), batch_size=max(config["bsize"], 32),
                                       num_workers=config["num_workers"], device=self.device, log=self.logger.log,
-                                      dist=self.dist)
+                                      dist=self.dist, image_source=self.encoder_images)
+        # --image-cache uint8: every official image decoded and resized once, read by every epoch.
+        self.images = (OfficialImageCache(config["data_root"], config["dataset"], self.benchmark.image_dir,
+                                          Path(config["cache_dir"]), config["num_workers"], self.logger.log, self.dist)
+                       if config.get("image_cache", "off") == "uint8" else None)
         self.labels = LabelState(self.benchmark.train.labels_obs, self.benchmark.train.labels)
         # The method's pseudo-label rule (pseudo_labels.RULES), when it needs pseudo-labels.
         self.pseudo_labels: pseudo_labels.PseudoLabelRule | None = None
@@ -390,6 +394,41 @@ class Trainer:
         backbone that copies the teacher's tower sees the teacher's view (at its own size), as
         the original fed its CLIP student the teacher's tensor."""
         return teacher_module.student_view(self.backbone, self.config["teacher_view"], self.config["image_size"])
+
+    def student_source_size(self) -> int | None:
+        """The side of the resize the student's input starts with (None: not a known recipe)."""
+        view = self.student_view()
+        return self.config["image_size"] if view is None else teacher_module.view_source_size(view)
+
+    def resized_images(self, split: str, teacher_view: datasets.ImageView | None = None) -> ResizedImages | None:
+        """The image cache's rows of the 'train', 'val' or 'test' split (--image-cache uint8), when the
+        student's input and the teacher's view (if any) start with one same resize, so that the rows
+        give them exactly (``teacher.view_source_size``); else None: the images are decoded."""
+        if self.images is None:
+            return None
+        sizes = {self.student_source_size()}
+        if teacher_view is not None:
+            sizes.add(teacher_module.view_source_size(teacher_view))
+        if len(sizes) != 1 or None in sizes:
+            why = ("a view that does not start with a known resize" if None in sizes else
+                   f"inputs that start with resizes to {' and '.join(str(size) for size in sorted(sizes))} px")
+            self.logger.log(f"image cache: not used for the {split} split ({why}); its images are decoded every epoch")
+            return None
+        phase, rows = {"train": ("train", self.benchmark.train_indices), "val": ("train", self.benchmark.val_indices),
+                       "test": ("val", None)}[split]
+        images = self.images.images(phase, sizes.pop())
+        return images if images is None or rows is None else images.subset(rows)
+
+    def encoder_images(self, phase: str, encoder: Encoder) -> ResizedImages | None:
+        """The image cache's rows that give ``encoder``'s inputs exactly, for a one-time pass over an
+        official split (``OfficialSetCache.image_source``): only at the size the epochs read, so that
+        no file is made for one pass."""
+        if self.images is None:
+            return None
+        size = encoder.image_size if encoder.views is None else teacher_module.view_source_size(encoder.views)
+        if size is None or size != self.student_source_size():
+            return None
+        return self.images.images(phase, size)
 
     def make_pseudo_labels(self) -> None:
         """The teacher's one-time work for the method's pseudo-labels (its rule's ``prepare``)."""
@@ -444,15 +483,16 @@ class Trainer:
             teacher_view = self.pseudo_labels.teacher_view() if self.pseudo_labels is not None else None
             student_view = self.student_view()
 
-            def image_set(split, train: bool, view=None):
+            def image_set(split_name: str, train: bool, view=None):
+                split = getattr(bench, split_name)
                 return datasets.MultiLabelDataset([bench.image_dir / p for p in split.images], split.labels_obs,
                                                   split.labels, config["image_size"], train=train,
                                                   mean=self.backbone.mean, std=self.backbone.std, view=student_view,
-                                                  teacher_view=view)
-            phase_sets = {"train": image_set(bench.train, True, teacher_view), "val": image_set(bench.val, False),
-                          "test": image_set(bench.test, False)}
+                                                  teacher_view=view, resized=self.resized_images(split_name, view))
+            phase_sets = {"train": image_set("train", True, teacher_view), "val": image_set("val", False),
+                          "test": image_set("test", False)}
             if self.method_class.uses_train_predictions:
-                phase_sets["train_eval"] = image_set(bench.train, False)
+                phase_sets["train_eval"] = image_set("train", False)
             net, eval_batch = self.model, config["bsize"]
             batch_size = config["bsize"]
             # Frozen parameters (a method's own model: DualCoOp's CLIP) stay out of the optimizer.

@@ -32,7 +32,8 @@ ADDED_SETTINGS = {"teacher": "ViT-L-14-336", "deterministic": False, "head_bsize
                   # --lr-schedule and its warm-up: a constant rate (methods.base.LR_SCHEDULE_DEFAULTS).
                   "lr_schedule": "constant", "lr_warmup_epochs": 0, "lr_warmup_lr": 1e-5}
 # Settings that may change when a run is resumed without changing what it computes.
-RESUMABLE_CHANGES = frozenset({"resume", "epochs", "num_workers", "gpu", "test_every_epoch", "amp", "deterministic"})
+RESUMABLE_CHANGES = frozenset({"resume", "epochs", "num_workers", "gpu", "test_every_epoch", "amp", "deterministic",
+                               "image_cache"})
 # Where the run folder is and how it was reached: they may differ from config.json (a moved folder).
 LOCATION_SETTINGS = frozenset({"run_name", "output_dir", "config"})
 

@@ -71,6 +71,26 @@ TEACHER_VIEWS = {
 }
 
 
+# --teacher-view: name -> size -> the side of the PIL bilinear resize each view starts with (for
+# 'clip' after the flip, which commutes with it). An image cache (--image-cache uint8) of images
+# already resized to that side gives the view exactly: resizing them again to it is a copy.
+TEACHER_VIEW_SOURCE_SIZES = {
+    "original": lambda size: ORIGINAL_SOURCE_SIZE,
+    "clip": lambda size: size,
+}
+
+
+def view_source_size(view) -> int | None:
+    """The side of the resize an ``ImageView`` starts with, for the views this module makes
+    (``Teacher.view``, ``student_view``, and ``Flips`` of them); None for any other callable."""
+    if isinstance(view, Flips):
+        view = view.view
+    if isinstance(view, functools.partial) and view.func is teacher_input and not view.args \
+            and set(view.keywords) == {"view", "size"} and view.keywords["view"] in TEACHER_VIEW_SOURCE_SIZES:
+        return TEACHER_VIEW_SOURCE_SIZES[view.keywords["view"]](view.keywords["size"])
+    return None
+
+
 def teacher_input(image: Image.Image, flip: bool, view: str, *, size: int = 336) -> torch.Tensor:
     """3 x size x size float tensor: exactly what the teacher's image encoder receives for the
     RGB ``image`` (flipped horizontally if ``flip``) under ``view`` (``TEACHER_VIEWS``)."""

@@ -24,7 +24,8 @@ from instrumentation import CONFIG_FILE, LOG_FILE, METRICS_FILE, SUMMARY_FILE, f
 # "config" names the --config file the settings were read from; the settings themselves count.
 # "deterministic" chooses kernels, not the experiment.
 BOOKKEEPING_KEYS = frozenset({"seed", "run_name", "output_dir", "resume", "gpu", "device", "num_workers",
-                              "data_root", "cache_dir", "test_every_epoch", "echo", "config", "deterministic"})
+                              "data_root", "cache_dir", "test_every_epoch", "echo", "config", "deterministic",
+                              "image_cache"})
 
 
 def _is_run_dir(path: Path) -> bool:

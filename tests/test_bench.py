@@ -74,3 +74,28 @@ def test_aevlp_cost_rejects_bad_sizes():
         bench.main(["--tiny", "--num-images", "0"])
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--width", "3", "--grid", "4"])
+
+
+def test_data_path_smoke(tmp_path, capsys):
+    bench = load_bench("data_path")
+    result = bench.main(["--tiny", "--num-train", "4", "--num-val", "2", "--num-test", "2", "--batch-size", "2",
+                         "--image-width", "80", "--image-height", "60", "--repeats", "1", "--num-workers", "0",
+                         "--gpu-decode", "--work-dir", str(tmp_path)])
+    assert result["sizes"] == {"train": 4, "val": 2, "test": 2}
+    assert result["difference"] == {"student": 0.0, "teacher": 0.0}   # the cached path's inputs, to the bit
+    for path in ("decode", "cache"):
+        for phase in ("teacher", "train", "eval"):
+            assert all(result["results"][path][phase][key] > 0 for key in ("loader_rate", "step_s", "floor", "full"))
+    assert result["build"]["images"] == 8 and result["build"]["bytes"] > 0
+    assert result["gpu_decode"]["available"] is False and result["gpu_decode"]["device"] == "cpu"
+    out = capsys.readouterr().out
+    assert "loader img/s" in out and "full/floor" in out and "identical to the bit" in out and "GPU decode" in out
+    assert len(list((tmp_path / "cache-cache").glob("images-64px-*.npy"))) == 2   # official train and val
+    assert not list((tmp_path / "cache-decode").glob("images-*"))
+
+
+def test_data_path_rejects_bad_sizes():
+    bench = load_bench("data_path")
+    for argv in (["--tiny", "--num-train", "0"], ["--tiny", "--num-workers", "-1"], ["--tiny", "--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
