@@ -15,6 +15,7 @@ def load_bench(name: str = "epoch_cost"):
     return module
 
 
+@pytest.mark.slow  # a subprocess or a whole pipeline
 def test_epoch_cost_smoke(tmp_path, capsys):
     bench = load_bench()
     result = bench.main(["--tiny", "--num-train", "6", "--num-val", "3", "--num-test", "3", "--batch-size", "3",
@@ -38,6 +39,7 @@ def test_epoch_cost_rejects_bad_sizes():
         bench.main(["--tiny", "--test-epochs", "11"])
 
 
+@pytest.mark.slow  # a subprocess or a whole pipeline
 def test_channels_last_smoke(capsys):
     result = load_bench("channels_last").main(["--tiny", "--batch-size", "2", "--repeats", "1"])
     assert set(result) == {"contiguous", "channels_last"}
@@ -76,6 +78,7 @@ def test_aevlp_cost_rejects_bad_sizes():
         bench.main(["--tiny", "--width", "3", "--grid", "4"])
 
 
+@pytest.mark.slow  # a subprocess or a whole pipeline
 def test_data_path_smoke(tmp_path, capsys):
     bench = load_bench("data_path")
     result = bench.main(["--tiny", "--num-train", "4", "--num-val", "2", "--num-test", "2", "--batch-size", "2",

@@ -236,6 +236,7 @@ def build_in_process(rank: int, world_size: int, init_file: str, paths, folder: 
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # a subprocess or a whole pipeline
 @pytest.mark.slow
 @pytest.mark.parametrize("shared", [True, False])
 def test_two_processes_build_one_file(images, tmp_path, shared):
