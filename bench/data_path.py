@@ -185,7 +185,7 @@ def teacher_pass(run: engine.Trainer, args: argparse.Namespace, meter: Meter, pa
     flat = views.flatten(0, 1).to(run.device)
     with torch.no_grad():
         step = repeated(lambda: encoder.encode(flat), args.repeats, meter, f"{path} teacher forward")
-    floor = step * len(image_paths) / batch_size
+    floor = step * len(image_paths) / len(views)    # the batch may hold fewer images than batch_size
     with meter.measure(f"{path} teacher pass"):
         run.make_pseudo_labels()
     return {"loader_rate": rate, "step_s": step, "floor": floor, "full": meter.wall[f"{path} teacher pass"][-1],
@@ -219,8 +219,8 @@ def student_phases(run: engine.Trainer, args: argparse.Namespace, meter: Meter, 
         with engine.autocast(config["amp"], device):
             stage.net(eval_batch["image"])
     eval_step_s = repeated(eval_step, args.repeats, meter, f"{path} eval step")
-    train_floor = train_step * len(loaders["train"].dataset) / config["bsize"]
-    eval_floor = eval_step_s * eval_images / config["bsize"]
+    train_floor = train_step * len(loaders["train"].dataset) / len(batch["index"])
+    eval_floor = eval_step_s * eval_images / len(eval_batch["index"])
 
     stage.generator.manual_seed(1)
     with meter.measure(f"{path} train epoch"):
