@@ -17,6 +17,7 @@ import math
 import os
 from pathlib import Path
 
+import augment
 import caches
 import datasets
 import engine
@@ -126,6 +127,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-lr", type=float, default=None,
                    help="learning rate of the warm-up epochs (times a group's multiplier, as --head-lr-mult) "
                         "(per method; 1e-5)")
+    g.add_argument("--augmentation", choices=tuple(augment.AUGMENTATIONS), default=None,
+                   help="random changes of each training image after its resize, drawn from the run's seed: "
+                        + "; ".join(f"{name}: {entry.help}" for name, entry in augment.AUGMENTATIONS.items())
+                        + " (per method; VLPL: flip; DualCoOp: cutout_randaugment)")
     g.add_argument("--head-lr-mult", type=float, default=None, help="the head's learning rate as a multiple of --lr (VLPL: 1)")
     g.add_argument("--patience", type=int, default=None,
                    help="stop a stage after this many epochs without a new best val mAP (0: never; VLPL: 0)")
@@ -283,7 +288,7 @@ _NOT_IN_NAME_HASH = rundir.RESUMABLE_CHANGES | rundir.LOCATION_SETTINGS | {"seed
 
 # Settings added after the names had a hash, left out of it at the value every run had before them,
 # so that a configuration keeps its default name (and --resume finds its folder).
-_NEW_SETTINGS_AT_OLD_VALUES = dict(methods.base.LR_SCHEDULE_DEFAULTS)
+_NEW_SETTINGS_AT_OLD_VALUES = dict(methods.base.ADDED_PROTOCOL_DEFAULTS)
 
 
 def default_run_name(config: dict) -> str:
@@ -342,7 +347,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     for key, value in defaults.items():
         if config.get(key) is None:
             config[key] = value
-    for key, value in methods.base.LR_SCHEDULE_DEFAULTS.items():   # where the method's table sets none
+    for key, value in methods.base.ADDED_PROTOCOL_DEFAULTS.items():   # where the method's table sets none
         if config.get(key) is None:
             config[key] = value
     _resolve_own_model(config, method)
@@ -398,6 +403,13 @@ def _check_values(config: dict) -> None:
         raise RunError(f"-th/--threshold must be in (0, 1] (a softmax probability), got {config['threshold']}")
     if config["pseudo_labels"] == "online" and config["train_mode"] != "end_to_end":
         raise RunError("--pseudo-labels online recomputes pseudo-labels on augmented images: it needs --train-mode end_to_end")
+    if augment.get_augmentation(config["augmentation"]).transform is not None:
+        if models.backbone_spec(config["model"]).copies_clip_tower:
+            raise RunError(f"--augmentation {config['augmentation']} changes the backbone's own input; -m "
+                           f"{config['model']} sees the teacher's view: choose --augmentation flip")
+        if all(name != engine.END_TO_END for name, _ in engine.TRAIN_MODES[config["train_mode"]](config)):
+            raise RunError(f"--augmentation {config['augmentation']} changes training images; --train-mode "
+                           f"{config['train_mode']} trains on cached features: choose --augmentation flip")
 
 
 def as_recorded_now(config: dict) -> dict:

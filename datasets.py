@@ -13,12 +13,13 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+import augment
 from errors import RunError
 from fileio import atomic_save_npy
 
@@ -512,12 +513,18 @@ class MultiLabelDataset(torch.utils.data.Dataset):
     decoded and resized as ``resize_step`` does; it replaces the decoded image. Exact where
     every reader of the image starts by resizing it to that size (a PIL resize to its own size
     is a copy, and PIL's resize commutes with the horizontal flip: tests/test_image_cache.py):
-    the caller checks that (``engine.Trainer.resized_images``)."""
+    the caller checks that (``engine.Trainer.resized_images``).
+
+    ``augmentation`` (``augment.AUGMENTATIONS``, a train set's): whether the drawn flip applies (an
+    item's ``flip`` is the one applied, for the student and the teacher view alike), and the random
+    transform of the resized image before ToTensor, seeded by the item's seed (``SampledItem``; a
+    plain index draws one with torch.randint)."""
 
     def __init__(self, image_paths: Sequence[str | os.PathLike], observed_labels: np.ndarray,
                  clean_labels: np.ndarray, image_size: int, train: bool,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, *, view: ImageView | None = None,
-                 teacher_view: ImageView | None = None, resized=None):
+                 teacher_view: ImageView | None = None, resized=None,
+                 augmentation: augment.Augmentation = augment.AUGMENTATIONS[augment.DEFAULT_AUGMENTATION]):
         self.image_paths = [str(p) for p in image_paths]
         observed_labels = np.asarray(observed_labels)
         clean_labels = np.asarray(clean_labels)
@@ -534,6 +541,10 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         self.view = view
         self.teacher_view = teacher_view
         self.resized = check_resized(resized, n, image_size if view is None else None)
+        self.augmentation = augmentation
+        if augmentation.transform is not None and view is not None:
+            raise ValueError("an --augmentation with a random transform acts on the backbone's own input; this "
+                             "backbone sees the teacher's view: choose --augmentation flip")
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -542,16 +553,24 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         """``item`` is an index, or ``(index, flip)`` or ``(index, flip, view_flips)`` from
         ``AugmentationSampler``; a plain index of a train set draws its flip with torch.rand.
         ``view_flips`` (the teacher views' own flips) pass through as a bool tensor."""
-        view_flips = None
-        if isinstance(item, tuple):
+        view_flips, seed = None, None
+        if isinstance(item, SampledItem):
+            index, flip, view_flips, seed = item
+        elif isinstance(item, tuple):
             index, flip, *rest = item
             view_flips = rest[0] if rest else None
         else:
             index, flip = item, self.train and torch.rand(1).item() < 0.5
-        flip = bool(flip)
+        flip = bool(flip) and self.augmentation.flips
         image = self.resized.image(index) if self.resized is not None else open_rgb(self.image_paths[index])
         if self.view is not None:
             network_input = self.view(image, flip)
+        elif self.train and self.augmentation.transform is not None:
+            if seed is None:
+                seed = int(torch.randint(0, SEED_BOUND, (1,)))
+            resize = self.transform.transforms[0]
+            network_input = self.augmented(resize(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image),
+                                           seed)
         else:
             network_input = self.transform(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image)
         out = {"image": network_input, "observed": self.observed[index], "clean": self.clean[index],
@@ -561,6 +580,28 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         if view_flips is not None:
             out["view_flips"] = torch.as_tensor(view_flips, dtype=torch.bool)
         return out
+
+    def augmented(self, resized: Image.Image, seed: int) -> torch.Tensor:
+        """The network's input from the resized training image under the augmentation's transform."""
+        image = self.augmentation.transform(resized, np.random.default_rng(seed))
+        for step in self.transform.transforms[1:]:     # ToTensor, Normalize
+            image = step(image)
+        return image
+
+
+# What a val or test set's images get: none of a training augmentation's changes.
+NO_AUGMENTATION = augment.AUGMENTATIONS[augment.DEFAULT_AUGMENTATION]
+
+# Augmentation seeds are drawn below this bound (numpy's generators take any non-negative integer).
+SEED_BOUND = 2 ** 62
+
+
+class SampledItem(NamedTuple):
+    """An ``AugmentationSampler`` item that carries an augmentation seed."""
+    index: int
+    flip: bool
+    view_flips: tuple[bool, ...] | None
+    seed: int
 
 
 class AugmentationSampler(torch.utils.data.Sampler):
@@ -577,10 +618,14 @@ class AugmentationSampler(torch.utils.data.Sampler):
     view (AEVLP flips each view independently of the student's image), drawn after the order
     and the flips (so V = 0 draws exactly what it always drew): items are then
     ``(index, flip, view_flips)``.
+
+    With ``seeds``, each item also carries a seed of its own for the random augmentation of its
+    image (``augment.AUGMENTATIONS``), drawn last (so a run without one draws what it always drew):
+    items are then ``SampledItem``s.
     """
 
     def __init__(self, num_items: int, generator: torch.Generator, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, num_view_flips: int = 0):
+                 rank: int = 0, world_size: int = 1, num_view_flips: int = 0, seeds: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         if num_view_flips < 0:
@@ -591,18 +636,21 @@ class AugmentationSampler(torch.utils.data.Sampler):
         self.rank = rank
         self.world_size = world_size
         self.num_view_flips = num_view_flips
+        self.seeds = seeds
 
     def __len__(self) -> int:
         return -(-self.num_items // self.world_size)
 
     def draw(self) -> tuple[torch.Tensor, ...]:
-        """This rank's indices and flips of the next pass, and the view flips when there are
-        any, as tensors (what ``__iter__`` yields)."""
+        """This rank's indices and flips of the next pass, then the view flips and the seeds when
+        there are any, as tensors (what ``__iter__`` yields)."""
         order = (torch.randperm(self.num_items, generator=self.generator) if self.shuffle
                  else torch.arange(self.num_items))
         drawn = [order, torch.rand(self.num_items, generator=self.generator) < 0.5]
         if self.num_view_flips:
             drawn.append(torch.rand(self.num_items, self.num_view_flips, generator=self.generator) < 0.5)
+        if self.seeds:
+            drawn.append(torch.randint(0, SEED_BOUND, (self.num_items,), generator=self.generator))
         padding = len(self) * self.world_size - self.num_items
         if padding:
             drawn = [torch.cat([values, values[:padding]]) for values in drawn]
@@ -611,6 +659,11 @@ class AugmentationSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         drawn = self.draw()
+        if self.seeds:
+            order, flips, *view_flips, seeds = drawn
+            view_flips = map(tuple, view_flips[0].tolist()) if view_flips else [None] * len(order)
+            return iter(SampledItem(*values) for values in zip(order.tolist(), flips.tolist(), view_flips,
+                                                                seeds.tolist()))
         if self.num_view_flips:
             order, flips, view_flips = drawn
             return iter(zip(order.tolist(), flips.tolist(), map(tuple, view_flips.tolist())))

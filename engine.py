@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import augment
 import datasets
 import fileio
 import losses
@@ -471,6 +472,7 @@ class Trainer:
         ``features`` (train / val / test) skips the feature cache."""
         config, bench = self.config, self.benchmark
         splits = {"train": bench.train, "val": bench.val, "test": bench.test}
+        augmentation = augment.get_augmentation(config.get("augmentation", augment.DEFAULT_AUGMENTATION))
         if name == HEAD:
             features = features if features is not None else self.backbone_features()
             phase_sets = {phase: datasets.FeatureDataset(features[phase], split.labels_obs, split.labels)
@@ -488,7 +490,8 @@ class Trainer:
                 return datasets.MultiLabelDataset([bench.image_dir / p for p in split.images], split.labels_obs,
                                                   split.labels, config["image_size"], train=train,
                                                   mean=self.backbone.mean, std=self.backbone.std, view=student_view,
-                                                  teacher_view=view, resized=self.resized_images(split_name, view))
+                                                  teacher_view=view, resized=self.resized_images(split_name, view),
+                                                  augmentation=augmentation if train else datasets.NO_AUGMENTATION)
             phase_sets = {"train": image_set("train", True, teacher_view), "val": image_set("val", False),
                           "test": image_set("test", False)}
             if self.method_class.uses_train_predictions:
@@ -511,7 +514,8 @@ class Trainer:
                    for phase, ds in phase_sets.items()}
         train_sampler = datasets.AugmentationSampler(
             len(phase_sets["train"]), generator, rank=dist.rank, world_size=dist.world_size,
-            num_view_flips=self.pseudo_labels.num_view_flips if self.pseudo_labels is not None else 0)
+            num_view_flips=self.pseudo_labels.num_view_flips if self.pseudo_labels is not None else 0,
+            seeds=name == END_TO_END and augmentation.transform is not None)
         loaders["train"] = make_loader(phase_sets["train"], batch_size // dist.world_size, config["num_workers"],
                                        sampler=train_sampler)
         optimizer = OPTIMIZERS[config["optimizer"]](groups, config["weight_decay"])

@@ -24,6 +24,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
+import augment
 import losses
 import models
 from labels import LabelState
@@ -103,11 +104,13 @@ PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", weight_decay=0.0,
                          head_bsize=None,  # None: head-only epochs use --bsize
                          patience=0, max_drop=0.0, teacher=models.DEFAULT_TEACHER)
 
-# The learning-rate schedule (engine.LRSchedule): protocol settings a method's table may set, added
-# after PROTOCOL_DEFAULTS was pinned (tests/data/method_defaults_snapshot.json), so they are filled
-# in by config.resolve_config where neither the table nor the user sets them: a constant rate, no
-# warm-up, which is what every run did before these settings existed.
+# Protocol settings a method's table may set, added after PROTOCOL_DEFAULTS was pinned
+# (tests/data/method_defaults_snapshot.json), so they are filled in by config.resolve_config where
+# neither the table nor the user sets them, at what every run did before they existed: the
+# learning-rate schedule (engine.LRSchedule), a constant rate without warm-up, and the training
+# augmentation (augment.AUGMENTATIONS), the horizontal flip.
 LR_SCHEDULE_DEFAULTS = dict(lr_schedule="constant", lr_warmup_epochs=0, lr_warmup_lr=1e-5)
+ADDED_PROTOCOL_DEFAULTS = dict(LR_SCHEDULE_DEFAULTS, augmentation=augment.DEFAULT_AUGMENTATION)
 
 # VLPL's settings (docs/DESIGN.md §5), shared by the methods of its results table: per dataset, a
 # row or NO_PROTOCOL.
@@ -177,7 +180,7 @@ class Method:
     @classmethod
     def settings(cls) -> set[str]:
         """The configuration keys this method's table may set."""
-        return {h.name for h in cls.hyperparameters} | set(PROTOCOL_DEFAULTS) | set(LR_SCHEDULE_DEFAULTS) | {"lr"}
+        return {h.name for h in cls.hyperparameters} | set(PROTOCOL_DEFAULTS) | set(ADDED_PROTOCOL_DEFAULTS) | {"lr"}
 
     @classmethod
     def general_defaults(cls) -> dict:
@@ -193,7 +196,7 @@ class Method:
     @classmethod
     def settings_chosen_per_dataset(cls) -> list[str]:
         """The settings with a general default that some published row of the table changes."""
-        general = {**cls.general_defaults(), **LR_SCHEDULE_DEFAULTS}
+        general = {**cls.general_defaults(), **ADDED_PROTOCOL_DEFAULTS}
         rows = [row for row in cls.dataset_defaults.values() if row is not NO_PROTOCOL]
         return [name for name in general
                 if any(name in row and row[name] != general[name] for row in rows)]

@@ -53,7 +53,8 @@ ASL_EPS = 1e-6          # AsymmetricLoss's eps: probabilities are clamped to it 
 # configs/models/rn101_ep50.yaml with Dassl's defaults (OPTIM: momentum 0.9, weight decay 5e-4,
 # WARMUP_RECOUNT true), the same for every dataset.
 RN101_EP50 = dict(epochs=50, bsize=32, optimizer="sgd", weight_decay=5e-4, head_lr_mult=1.0,
-                  lr_schedule="cosine", lr_warmup_epochs=1, lr_warmup_lr=1e-5)
+                  lr_schedule="cosine", lr_warmup_epochs=1, lr_warmup_lr=1e-5,
+                  augmentation="cutout_randaugment")     # its loaders' train transform (augment.py)
 DATASET_DEFAULTS = {
     "pascal": dict(RN101_EP50, lr=0.001),     # its README: 0.001 for VOC2007
     "coco": dict(RN101_EP50, lr=0.002),       # its README: 0.002 for MS-COCO

@@ -458,6 +458,7 @@ def test_dualcoop_trains_evaluates_and_resumes_exactly(demo_root, tmp_path, monk
     assert "Epoch 1/2 (end to end; learning rate 1e-05)" in log and "Epoch 2/2 (end to end; learning rate 0.001)" in log
     config = json.loads((tmp_path / "once" / "config.json").read_text())
     assert config["model"] == "clip_prompts" and config["method"] == "DualCoOp"
+    assert config["augmentation"] == "cutout_randaugment"      # its transform, drawn per item: the resume repeats it
     result = evaluate.main(evaluate.get_args_parser().parse_args([str(tmp_path / "once"), "--device", "cpu"]))
     assert result["clean"]["map"] == pytest.approx(once["best_test_map"], abs=1e-9)
 

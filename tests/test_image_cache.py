@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import augment
 import caches
 import datasets
 import engine
@@ -103,6 +104,14 @@ def test_student_inputs_from_the_cache_equal_decoded_inputs_to_the_bit(images, t
     listed = datasets.ImageListDataset(images, size, datasets.IMAGENET_MEAN, datasets.IMAGENET_STD, resized=cached)
     for index in range(len(images)):
         assert torch.equal(plain[index][0], listed[index][0])
+    # DualCoOp's augmentation acts on the resized image: the cache's rows give the same inputs.
+    augmentation = augment.AUGMENTATIONS["cutout_randaugment"]
+    decoded = datasets.MultiLabelDataset(images, labels, labels, size, train=True, augmentation=augmentation)
+    from_cache = datasets.MultiLabelDataset(images, labels, labels, size, train=True, augmentation=augmentation,
+                                            resized=cached)
+    for index in range(len(images)):
+        item = datasets.SampledItem(index, True, None, 1000 + index)
+        assert torch.equal(decoded[item]["image"], from_cache[item]["image"]), index
 
 
 @pytest.mark.parametrize("view, size", [("original", 336), ("original", 64), ("clip", 336), ("clip", 64)])
