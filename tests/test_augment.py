@@ -213,3 +213,18 @@ def test_a_flip_run_keeps_its_name_and_an_old_folder_reads_as_flip():
 def test_a_transform_where_no_image_trains_is_refused_in_one_line(argv, says):
     with pytest.raises(RunError, match=says):
         resolved("-l", "an", "--dataset", "pascal", "--augmentation", "cutout_randaugment", *argv)
+
+
+def test_loader_workers_give_the_inputs_of_the_main_process(demo_root):
+    """The seeds come from the sampler, not from a worker's random state: 0 or 2 workers, the same
+    augmented batches, and the same again from the same generator seed."""
+    train = demo_set(demo_root, "cutout_randaugment")
+
+    def batches(workers):
+        sampler = datasets.AugmentationSampler(len(train), torch.Generator().manual_seed(3), seeds=True)
+        loader = torch.utils.data.DataLoader(train, batch_size=4, sampler=sampler, num_workers=workers)
+        return [batch["image"] for batch in loader]
+    main, workers = batches(0), batches(2)
+    assert len(main) == len(workers) > 1
+    for a, b in zip(main, workers):
+        assert torch.equal(a, b)
