@@ -1,5 +1,6 @@
 """The command ``python instrumentation.py RESULTS_DIR...``: the summariser's report, or the
-paper's table alone (``--format markdown|csv|latex``), and with ``--plot OUT_DIR`` the plots.
+paper's table alone (``--format markdown|csv|latex``; with ``--selected``, the table of a sweep's
+grid selection), and with ``--plot OUT_DIR`` the plots.
 
 A module of its own: ``plots`` draws the summariser's rows and paper cells, so the command in
 ``summarize`` would make the two import each other, and in ``plots`` it would load matplotlib for
@@ -11,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from reading.summarize import FORMATS, paper_table, read_runs, summary_text
+from reading.summarize import FORMATS, paper_table, read_runs, selected_rows, summary_text
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -22,6 +23,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="a run directory or a folder of run directories (e.g. results/)")
     parser.add_argument("--format", choices=FORMATS, default="text",
                         help="text: every table; markdown, csv, latex: the paper's table alone")
+    parser.add_argument("--selected", action="store_true",
+                        help="with --format markdown, csv or latex: the paper's table of the runs a sweep's grid "
+                             "selection chose (sweep.py --select-by val: per method, dataset and seed the best val "
+                             "mAP of its grid), instead of every configuration's")
     parser.add_argument("--plot", type=Path, default=None, metavar="OUT_DIR",
                         help="also write PNG plots there: per run its mAP curves, per-class test AP and "
                              "pseudo-label quality; across runs the test mAP per method and dataset")
@@ -30,6 +35,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.selected and args.format == "text":
+        print("error: --selected picks the table of --format markdown, csv or latex (text shows every table)",
+              file=sys.stderr)
+        return 2
     plots = None
     if args.plot is not None:
         try:
@@ -49,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "text":
         print(summary_text(rows), end="")
     else:
-        table = paper_table(rows, args.format)
+        table = paper_table(selected_rows(rows) if args.selected else rows, args.format)
         if not table:
-            print("error: no finished run with a test mAP in " + ", ".join(map(str, args.results_dirs)),
-                  file=sys.stderr)
+            what = ("no run chosen by a grid selection (selection_<sweep>.json, written by sweep.py --select-by val)"
+                    if args.selected else "no finished run with a test mAP")
+            print(f"error: {what} in " + ", ".join(map(str, args.results_dirs)), file=sys.stderr)
             return 2
         print(table)
     if plots is not None:

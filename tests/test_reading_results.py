@@ -217,6 +217,27 @@ def results(tmp_path) -> tuple[Path, dict]:
     return root, tests
 
 
+def test_the_selected_runs_table_alone(tmp_path, capsys):
+    """--selected: the paper's table of the runs a selection file chose, mean over their seeds."""
+    root = tmp_path / "results"
+    chosen = [fake_run(root, "pascal", "an", seed, value, lr=lr) for seed, value, lr in ((0, 61.0, 1e-4), (1, 65.0, 1e-5))]
+    for seed, value, lr in ((0, 40.0, 1e-5), (1, 30.0, 1e-4)):     # the grid points not chosen
+        fake_run(root, "pascal", "an", seed, value, lr=lr)
+    groups = [{"method": "an", "dataset": "pascal", "seed": seed, "selected": run.name, "axes": {},
+               "complete": True, "finished": 2, "grid_points": 2} for seed, run in enumerate(chosen)]
+    (root / "selection_grid.json").write_text(json.dumps({"sweep": "grid", "select_by": "val", "groups": groups}))
+    assert cli.main([str(root), "--format", "csv", "--selected"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("an,") and lines[1].endswith(",63.0000,2.8284,2")
+    assert cli.main([str(root), "--format", "csv"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3     # every configuration: one row per lr
+    assert cli.main([str(root), "--selected"]) == 2
+    assert "--format markdown" in capsys.readouterr().err
+    (root / "selection_grid.json").unlink()
+    assert cli.main([str(root), "--format", "markdown", "--selected"]) == 2
+    assert "sweep.py --select-by val" in capsys.readouterr().err
+
+
 def test_paper_columns_are_the_registry_titles_in_its_order():
     """The summariser writes the titles out rather than import datasets (and torch); they must agree."""
     assert list(summarize.PAPER_DATASETS.items()) == list(datasets.PAPER_TITLES.items())
