@@ -44,10 +44,17 @@ def single_process_map(run_dir: Path, demo_root: Path, split: str) -> float:
     return metrics.compute_metrics(scores, data.labels[indices])["map"]
 
 
-def test_two_processes_write_one_run_that_single_process_evaluation_confirms(demo_root, tmp_path):
-    torchrun(demo_root, tmp_path, "--epochs", "2", "--run-name", "ddp")
-    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
-    run_dir = tmp_path / "ddp"
+@pytest.fixture(scope="module")
+def two_epoch_run(demo_root, tmp_path_factory) -> Path:
+    """The 2-epoch demo run under torchrun with 2 processes, alone in its output folder (two tests read it)."""
+    out = tmp_path_factory.mktemp("torchrun")
+    torchrun(demo_root, out, "--epochs", "2", "--run-name", "ddp")
+    return out / "ddp"
+
+
+def test_two_processes_write_one_run_that_single_process_evaluation_confirms(demo_root, two_epoch_run):
+    run_dir = two_epoch_run
+    assert [p.name for p in run_dir.parent.iterdir()] == ["ddp"]
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.json", "last.pt", "log.txt",
                                                          "metrics.jsonl", "summary.json"]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -60,11 +67,10 @@ def test_two_processes_write_one_run_that_single_process_evaluation_confirms(dem
     assert (run_dir / "log.txt").read_text().count("Best epoch test score") == 1
 
 
-def test_resume_under_torchrun(demo_root, tmp_path):
-    torchrun(demo_root, tmp_path, "--epochs", "2", "--run-name", "once")
-    torchrun(demo_root, tmp_path, "--epochs", "1", "--run-name", "split")
-    torchrun(demo_root, tmp_path, "--epochs", "2", "--run-name", "split", "--resume")
-    once, split = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("once", "split"))
+def test_resume_under_torchrun(demo_root, tmp_path, two_epoch_run):
+    torchrun(demo_root, tmp_path, "--epochs", "1", "--run-name", "ddp")
+    torchrun(demo_root, tmp_path, "--epochs", "2", "--run-name", "ddp", "--resume")
+    once, split = (json.loads((folder / "ddp" / "summary.json").read_text()) for folder in (two_epoch_run.parent, tmp_path))
     assert split == once
 
 
