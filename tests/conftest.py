@@ -2,10 +2,21 @@
 tiny teacher, and command lines for tiny runs on the demo data."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# Under pytest-xdist (-n 2: one worker per core) each worker, and every process it starts, computes
+# on one thread: two workers of two threads each would fight over the cores. Set before torch
+# starts its thread pool; a test that compares a subprocess's numbers with its own sees the same
+# thread count on both sides.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 import engine
 import main_clip
