@@ -550,9 +550,9 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, item: int | tuple) -> dict:
-        """``item`` is an index, or ``(index, flip)`` or ``(index, flip, view_flips)`` from
-        ``AugmentationSampler``; a plain index of a train set draws its flip with torch.rand.
-        ``view_flips`` (the teacher views' own flips) pass through as a bool tensor."""
+        """``item`` is an index, or ``(index, flip)``, ``(index, flip, view_flips)`` or a
+        ``SampledItem`` from ``AugmentationSampler``; a plain index of a train set draws its flip
+        with torch.rand. ``view_flips`` (the teacher views' own flips) pass through as a bool tensor."""
         view_flips, seed = None, None
         if isinstance(item, SampledItem):
             index, flip, view_flips, seed = item
