@@ -1,7 +1,8 @@
 """Benchmark: the data path against the networks' own time (issue 26), per phase, today's path
 (every epoch decodes and resizes the JPEGs) against the image cache (--image-cache uint8).
 
-Run from the repository root (CPU, a few minutes on 2 cores with the defaults):
+Run from the repository root (CPU: about 37 minutes on 2 cores with the defaults, most of it the
+ViT-L teacher's passes; --tiny, a smoke test of the same code: 16 s):
     python bench/data_path.py
 On a GPU (one command; at least 2,000 COCO-sized training images, as the issue asks):
     python bench/data_path.py --device cuda --num-train 2000 --num-val 200 --num-test 200 --num-workers 8 \
