@@ -29,9 +29,9 @@ def _model_selection_before_the_flag(config: dict) -> str:
 # value, or a function of the older config.json when the value depended on other settings.
 ADDED_SETTINGS = {"teacher": "ViT-L-14-336", "deterministic": False, "head_bsize": None, "head": "linear",
                   "sync_bn": False, "model_selection": _model_selection_before_the_flag,
-                  # --lr-schedule and its warm-up: a constant rate (methods.base.LR_SCHEDULE_DEFAULTS).
+                  # --lr-schedule and its warm-up: a constant rate (methods.base.ADDED_PROTOCOL_DEFAULTS).
                   "lr_schedule": "constant", "lr_warmup_epochs": 0, "lr_warmup_lr": 1e-5,
-                  # --augmentation: the horizontal flip (augment.DEFAULT_AUGMENTATION).
+                  # --augmentation: the horizontal flip (the same table).
                   "augmentation": "flip"}
 # Settings that may change when a run is resumed without changing what it computes.
 RESUMABLE_CHANGES = frozenset({"resume", "epochs", "num_workers", "gpu", "test_every_epoch", "amp", "deterministic",

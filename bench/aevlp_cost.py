@@ -52,7 +52,6 @@ import dataclasses
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -69,7 +68,7 @@ import caches  # noqa: E402
 import datasets  # noqa: E402
 import models  # noqa: E402
 import teacher as teacher_module  # noqa: E402
-from bench.timing import Meter, require_at_least_one  # noqa: E402
+from bench.timing import Meter, require_at_least_one, run_in_work_dir  # noqa: E402
 from preproc import make_demo_data  # noqa: E402
 from pseudo_labels import damp  # noqa: E402
 
@@ -222,10 +221,7 @@ def warm_up(teacher: teacher_module.Teacher, problem: Problem) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="aevlp_cost-") as temporary:
-        return _run(args, Path(args.work_dir or temporary))
+    return run_in_work_dir(args, "aevlp_cost-", _run)
 
 
 def _run(args: argparse.Namespace, root: Path) -> dict:

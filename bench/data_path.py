@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +52,7 @@ import main_clip  # noqa: E402
 import models  # noqa: E402
 import teacher as teacher_module  # noqa: E402
 from bench.epoch_cost import device_name, random_backbone_file  # noqa: E402
-from bench.timing import Meter, require_at_least_one  # noqa: E402
+from bench.timing import Meter, require_at_least_one, run_in_work_dir  # noqa: E402
 from fileio import atomic_write  # noqa: E402
 from preproc import format_pascal, generate_observed_labels, make_demo_data  # noqa: E402
 
@@ -290,10 +288,7 @@ def gpu_decode_candidate(run: engine.Trainer, args: argparse.Namespace, meter: M
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="data_path-") as temporary:
-        return _run(args, Path(args.work_dir or temporary))
+    return run_in_work_dir(args, "data_path-", _run)
 
 
 def _run(args: argparse.Namespace, root: Path) -> dict:

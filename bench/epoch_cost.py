@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +51,7 @@ import config as config_module  # noqa: E402
 import main_clip  # noqa: E402
 import models  # noqa: E402
 import teacher as teacher_module  # noqa: E402
-from bench.timing import Meter, require_at_least_one  # noqa: E402
+from bench.timing import Meter, require_at_least_one, run_in_work_dir  # noqa: E402
 from preproc import format_pascal, generate_observed_labels, make_demo_data  # noqa: E402
 
 DATASET = "pascal"
@@ -214,11 +213,7 @@ def warm_up(teacher: teacher_module.Teacher, model: str, tiny: bool, num_classes
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="epoch_cost-") as temporary:
-        root = Path(args.work_dir or temporary)
-        return _run(args, root)
+    return run_in_work_dir(args, "epoch_cost-", _run)
 
 
 def _run(args: argparse.Namespace, root: Path) -> dict:

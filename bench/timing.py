@@ -3,10 +3,14 @@ other processes took meanwhile (the machine may be shared: a wall time measured 
 is too long; ratios of process-CPU seconds are less sensitive to that)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -16,6 +20,18 @@ def require_at_least_one(args, *names: str) -> None:
     for name in names:
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+
+
+Result = TypeVar("Result")
+
+
+def run_in_work_dir(args: argparse.Namespace, prefix: str, run: Callable[[argparse.Namespace, Path], Result]) -> Result:
+    """``run(args, folder)`` after ``--threads``, in ``--work-dir`` or else a temporary folder that
+    is removed afterwards."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix=prefix) as temporary:
+        return run(args, Path(args.work_dir or temporary))
 
 
 def machine_busy_seconds() -> float | None:

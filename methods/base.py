@@ -109,8 +109,8 @@ PROTOCOL_DEFAULTS = dict(epochs=10, bsize=8, optimizer="adam", weight_decay=0.0,
 # neither the table nor the user sets them, at what every run did before they existed: the
 # learning-rate schedule (engine.LRSchedule), a constant rate without warm-up, and the training
 # augmentation (augment.AUGMENTATIONS), the horizontal flip.
-LR_SCHEDULE_DEFAULTS = dict(lr_schedule="constant", lr_warmup_epochs=0, lr_warmup_lr=1e-5)
-ADDED_PROTOCOL_DEFAULTS = dict(LR_SCHEDULE_DEFAULTS, augmentation=augment.DEFAULT_AUGMENTATION)
+ADDED_PROTOCOL_DEFAULTS = dict(lr_schedule="constant", lr_warmup_epochs=0, lr_warmup_lr=1e-5,
+                               augmentation=augment.DEFAULT_AUGMENTATION)
 
 # VLPL's settings (docs/DESIGN.md §5), shared by the methods of its results table: per dataset, a
 # row or NO_PROTOCOL.

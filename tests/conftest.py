@@ -68,10 +68,12 @@ def demo_args(demo_root: Path, out: Path, *extra: str):
     return main_clip.get_args_parser().parse_args(demo_argv(demo_root, out, *extra))
 
 
-def run_once_and_resumed(demo_root: Path, out: Path, monkeypatch, *flags: str) -> tuple[dict, dict]:
+def run_once_and_resumed(demo_root: Path, out: Path, monkeypatch, *flags: str,
+                         resume_flags: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """The 2-epoch demo run with ``flags`` in one go (run folder ``once``) and the same run stopped
-    by Ctrl-C before its second epoch, then resumed (``split``); their summaries. Methods whose
-    schedules run over the stage's epochs need this split (a run of --epochs 1 has another schedule)."""
+    by Ctrl-C before its second epoch, then resumed (``split``, with ``resume_flags`` added); their
+    summaries. Methods whose schedules run over the stage's epochs need this split (a run of
+    --epochs 1 has another schedule)."""
     once = main_clip.main(demo_args(demo_root, out, *flags, "--run-name", "once"))
     run_epoch = engine.Trainer.run_epoch
 
@@ -84,5 +86,5 @@ def run_once_and_resumed(demo_root: Path, out: Path, monkeypatch, *flags: str) -
         with pytest.raises(KeyboardInterrupt):
             main_clip.main(demo_args(demo_root, out, *flags, "--run-name", "split"))
     assert torch.load(out / "split" / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1
-    resumed = main_clip.main(demo_args(demo_root, out, *flags, "--run-name", "split", "--resume"))
+    resumed = main_clip.main(demo_args(demo_root, out, *flags, "--run-name", "split", "--resume", *resume_flags))
     return once, resumed

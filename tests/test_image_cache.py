@@ -19,11 +19,9 @@ from PIL import Image
 import augment
 import caches
 import datasets
-import engine
-import fileio
 import main_clip
 import teacher as teacher_module
-from conftest import demo_args
+from conftest import demo_args, run_once_and_resumed
 from distributed import Distributed
 from errors import RunError
 
@@ -292,18 +290,7 @@ def test_runs_with_the_image_cache_equal_runs_without(demo_root, tmp_path, flags
 
 
 def test_a_resume_may_switch_the_image_cache_on(demo_root, tmp_path, monkeypatch):
-    main_clip.main(demo_args(demo_root, tmp_path, "--run-name", "once"))
-    run_epoch = engine.Trainer.run_epoch
-
-    def stop_before_epoch_two(trainer, epoch, stage):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        run_epoch(trainer, epoch, stage)
-    with monkeypatch.context() as patch:
-        patch.setattr(engine.Trainer, "run_epoch", stop_before_epoch_two)
-        with pytest.raises(KeyboardInterrupt):
-            main_clip.main(demo_args(demo_root, tmp_path, "--run-name", "split"))
-    main_clip.main(demo_args(demo_root, tmp_path, "--run-name", "split", "--resume", "--image-cache", "uint8"))
+    run_once_and_resumed(demo_root, tmp_path, monkeypatch, resume_flags=("--image-cache", "uint8"))
     same_numbers(tmp_path / "once", tmp_path / "split")
     assert "image cache train" in (tmp_path / "split" / "log.txt").read_text()
 
